@@ -1,0 +1,135 @@
+"""Policy and critic networks as TensorDict modules.
+
+`make_actor` returns a `ProbabilisticActor` over a `TanhNormal`; `make_critics` returns one
+`ValueOperator` wrapping a twin-critic ensemble with stacked parameters, so both critics are
+evaluated by one batched matmul per layer instead of two separate networks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tensordict.nn import InteractionType, NormalParamExtractor, TensorDictModule
+from torch import nn
+from torchrl.data import Bounded, TensorSpec
+from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "silu": nn.SiLU}
+
+
+@dataclass
+class NetworkConfig:
+    """Sizes of the actor and critic MLPs."""
+
+    actor_hidden: tuple[int, ...] = (256, 256)
+    critic_hidden: tuple[int, ...] = (256, 256)
+    activation: str = "relu"
+    num_critics: int = 2
+    # Lower bound of the Gaussian scale before the tanh squashing.
+    scale_lb: float = 1e-4
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.num_critics < 1:
+            raise ValueError(f"num_critics must be at least 1, got {self.num_critics}")
+        self.actor_hidden = tuple(int(h) for h in self.actor_hidden)
+        self.critic_hidden = tuple(int(h) for h in self.critic_hidden)
+
+
+def action_bounds(action_spec: TensorSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Low and high of a bounded action spec, as float tensors."""
+    if not isinstance(action_spec, Bounded):
+        raise TypeError(f"CQL-SAC needs a bounded (Box) action space, got {type(action_spec).__name__}")
+    return action_spec.space.low.float(), action_spec.space.high.float()
+
+
+def make_actor(observation_spec: TensorSpec, action_spec: TensorSpec, cfg: NetworkConfig) -> ProbabilisticActor:
+    """Squashed Gaussian policy: MLP -> (loc, scale) -> TanhNormal in the action box.
+
+    Samples at random under the default (training) exploration type; under
+    `ExplorationType.DETERMINISTIC` it returns the squashed mean, used for evaluation.
+    """
+    obs_dim = observation_spec.shape[-1]
+    act_dim = action_spec.shape[-1]
+    low, high = action_bounds(action_spec)
+    net = nn.Sequential(
+        MLP(in_features=obs_dim, out_features=2 * act_dim, num_cells=list(cfg.actor_hidden),
+            activation_class=ACTIVATIONS[cfg.activation]),
+        NormalParamExtractor(scale_mapping="biased_softplus_1.0", scale_lb=cfg.scale_lb),
+    )
+    params = TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"])
+    return ProbabilisticActor(
+        params,
+        in_keys=["loc", "scale"],
+        spec=action_spec,
+        distribution_class=TanhNormal,
+        distribution_kwargs={"low": low, "high": high, "tanh_loc": False},
+        return_log_prob=False,
+        default_interaction_type=InteractionType.RANDOM,
+    )
+
+
+class EnsembleMLP(nn.Module):
+    """`num_members` independent MLPs Q(s, a) whose weights are stacked along a leading dim.
+
+    The first layer is split into an observation part and an action part, so a state shared by
+    many actions (the CQL action sets) is multiplied once. Output: `[*batch, num_members]`.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...], num_members: int,
+                 activation: type[nn.Module] = nn.ReLU):
+        super().__init__()
+        self.num_members = num_members
+        self.obs_dim = obs_dim
+        sizes = [obs_dim + act_dim, *hidden, 1]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            weight = torch.empty(num_members, fan_in, fan_out)
+            bias = torch.empty(num_members, 1, fan_out)
+            bound = 1.0 / math.sqrt(fan_in)
+            for member in range(num_members):  # independent draws, as nn.Linear would make them
+                nn.init.kaiming_uniform_(weight[member].T, a=math.sqrt(5))
+                nn.init.uniform_(bias[member], -bound, bound)
+            self.weights.append(nn.Parameter(weight))
+            self.biases.append(nn.Parameter(bias))
+        self.activation = activation()
+
+    def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Q of every member for matching leading dims of `observation` and `action`."""
+        return self.evaluate(observation, action.unsqueeze(-2)).squeeze(-2)
+
+    def evaluate(self, observation: torch.Tensor, actions: torch.Tensor, weights=None, biases=None) -> torch.Tensor:
+        """Q of every member for K actions per state.
+
+        observation `[*B, obs_dim]`, actions `[*B, K, act_dim]` -> `[*B, K, num_members]`.
+        `weights`/`biases` replace the module's parameters (e.g. detached ones for the actor loss).
+        """
+        weights = list(self.weights) if weights is None else weights
+        biases = list(self.biases) if biases is None else biases
+        batch_shape = observation.shape[:-1]
+        num_actions = actions.shape[-2]
+        obs = observation.reshape(1, -1, self.obs_dim)  # [1, S, obs]
+        act = actions.reshape(1, -1, actions.shape[-1])  # [1, S*K, act]
+        first_w = weights[0]
+        # [E, S, H] + [E, S*K, H]: the state part is computed once per state.
+        h_obs = torch.matmul(obs, first_w[:, : self.obs_dim]) + biases[0]
+        h_act = torch.matmul(act, first_w[:, self.obs_dim:])
+        hidden = h_act.unflatten(1, (-1, num_actions)) + h_obs.unsqueeze(2)
+        hidden = self.activation(hidden).flatten(1, 2)
+        for layer, (w, b) in enumerate(zip(weights[1:], biases[1:]), start=1):
+            hidden = torch.baddbmm(b, hidden, w)
+            if layer < len(weights) - 1:
+                hidden = self.activation(hidden)
+        q = hidden.squeeze(-1)  # [E, S*K]
+        return q.movedim(0, -1).reshape(*batch_shape, num_actions, self.num_members)
+
+
+def make_critics(observation_spec: TensorSpec, action_spec: TensorSpec, cfg: NetworkConfig) -> ValueOperator:
+    """Twin critics as one ensemble `ValueOperator`: writes `state_action_value` of shape `[*B, E]`."""
+    ensemble = EnsembleMLP(observation_spec.shape[-1], action_spec.shape[-1], cfg.critic_hidden,
+                           cfg.num_critics, ACTIVATIONS[cfg.activation])
+    return ValueOperator(ensemble, in_keys=["observation", "action"], out_keys=["state_action_value"])

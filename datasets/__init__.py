@@ -1,0 +1,1 @@
+"""cqlsac.datasets"""
