@@ -1,0 +1,65 @@
+"""One CQL-SAC update, top to bottom: losses -> backward -> optimizer step -> Polyak update."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+
+from cqlsac.components.cql_loss import CQLSACLoss
+
+
+@dataclass
+class OptimConfig:
+    """Learning rates of the four parameter groups and the Polyak rate of the target critics."""
+
+    actor_lr: float = 1e-4
+    critic_lr: float = 3e-4
+    alpha_lr: float = 3e-4
+    alpha_prime_lr: float = 3e-4
+    tau: float = 0.005
+
+    def __post_init__(self):
+        for name in ("actor_lr", "critic_lr", "alpha_lr", "alpha_prime_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.tau <= 1:
+            raise ValueError(f"tau must be in (0, 1], got {self.tau}")
+
+
+def make_optimizer(loss: CQLSACLoss, cfg: OptimConfig) -> torch.optim.Adam:
+    """One Adam over four parameter groups (actor, critics, temperature, alpha').
+
+    The same as four separate Adams, because Adam's update is per parameter.
+    """
+    groups = [
+        {"params": list(loss.actor_network.parameters()), "lr": cfg.actor_lr},
+        {"params": list(loss.critic_network.parameters()), "lr": cfg.critic_lr},
+        {"params": [loss.log_alpha], "lr": cfg.alpha_lr},
+    ]
+    if loss.cfg.lagrange:
+        groups.append({"params": [loss.log_alpha_prime], "lr": cfg.alpha_prime_lr})
+    return torch.optim.Adam(groups)
+
+
+@torch.no_grad()
+def polyak_update(target: torch.nn.Module, source: torch.nn.Module, tau: float) -> None:
+    """target <- (1 - tau) * target + tau * source (the seed's rho = 1 - tau)."""
+    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+def update_step(loss: CQLSACLoss, optimizer: torch.optim.Optimizer, batch: TensorDictBase, tau: float) -> TensorDict:
+    """One gradient update of actor, critics, temperature (and alpha'); returns the loss TensorDict.
+
+    The losses are summed and back-propagated once: each one reaches only its own parameters
+    (see `CQLSACLoss`), so this equals separate backward passes per loss.
+    """
+    losses = loss(batch)
+    total = sum(value for key, value in losses.items() if key.startswith("loss_"))
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    polyak_update(loss.target_critic, loss.critic, tau)
+    loss.update_count += 1
+    return losses.detach()
