@@ -1,1 +1,31 @@
-"""cqlsac.datasets"""
+"""cqlsac.datasets: Minari datasets by name, as TorchRL offline replay; writing them atomically."""
+
+from cqlsac.datasets.offline import (
+    DatasetInfo,
+    check_spaces,
+    default_cache_dir,
+    discounted_returns,
+    load_offline_replay,
+    load_transitions,
+    normalized_score,
+)
+from cqlsac.datasets.store import DatasetError, datasets_root, list_local_datasets, open_dataset
+from cqlsac.datasets.writer import Episode, check_writable, transitions_to_episodes, write_dataset
+
+__all__ = [
+    "DatasetError",
+    "DatasetInfo",
+    "Episode",
+    "check_spaces",
+    "check_writable",
+    "datasets_root",
+    "default_cache_dir",
+    "discounted_returns",
+    "list_local_datasets",
+    "load_offline_replay",
+    "load_transitions",
+    "normalized_score",
+    "open_dataset",
+    "transitions_to_episodes",
+    "write_dataset",
+]

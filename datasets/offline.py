@@ -1,0 +1,239 @@
+"""Offline replay from a local Minari dataset, through a memory-mapped cache.
+
+The first load reads the dataset episode by episode straight into memory-mapped tensors (so it
+never sits in RAM twice), in TorchRL's transition layout plus the discounted Monte-Carlo
+return-to-go that Cal-QL needs. Later loads map the cache. The cache key holds the dataset id, a
+fingerprint of its files (names, sizes, mtimes) and gamma, so it is rebuilt when the source changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import gymnasium as gym
+import minari
+import numpy as np
+import torch
+from gymnasium.envs.registration import EnvSpec
+from minari.dataset.minari_storage import MinariStorage
+from tensordict import TensorDict
+from torchrl.data import Bounded, RandomSampler, ReplayBuffer, TensorStorage
+from torchrl.envs import EnvBase
+from tqdm import tqdm
+
+from cqlsac.datasets.store import READ_ERRORS, DatasetError, corrupted_dataset_error, open_dataset
+
+CACHE_FORMAT = 1  # bump when the cached layout changes
+STATS_FILE = "cqlsac_stats.json"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the pipeline needs to know about a dataset without reading its transitions."""
+
+    dataset_id: str
+    observation_space: gym.spaces.Box
+    action_space: gym.spaces.Box
+    env_spec: EnvSpec | None
+    num_episodes: int
+    num_transitions: int
+    mean_return: float
+    ref_min_score: float | None
+    ref_max_score: float | None
+    path: Path
+    metadata: dict[str, Any]  # Minari's raw metadata, including the "cqlsac" block of datasets made here
+
+    @property
+    def env_id(self) -> str | None:
+        return None if self.env_spec is None else self.env_spec.id
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CQLSAC_CACHE") or Path.home() / ".cache" / "cqlsac")
+
+
+def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
+    """G_t = r_t + gamma * G_{t+1} within one episode, G = 0 after its last step (no bootstrap at truncation)."""
+    out = np.empty(len(rewards), np.float64)
+    g = 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        g = float(rewards[t]) + gamma * g
+        out[t] = g
+    return out
+
+
+def _fingerprint(data_path: Path) -> str:
+    entries = sorted((str(p.relative_to(data_path)), p.stat().st_size, p.stat().st_mtime_ns)
+                     for p in data_path.rglob("*") if p.is_file())
+    return hashlib.sha256(repr(entries).encode()).hexdigest()
+
+
+def _box_spaces(dataset: minari.MinariDataset) -> tuple[gym.spaces.Box, gym.spaces.Box]:
+    for name, space in (("observation", dataset.observation_space), ("action", dataset.action_space)):
+        if not isinstance(space, gym.spaces.Box):
+            raise DatasetError(f"dataset {dataset.id!r} has a {type(space).__name__} {name} space; "
+                               "CQL-SAC needs Box observations and actions")
+    return dataset.observation_space, dataset.action_space
+
+
+def _episodes(dataset: minari.MinariDataset) -> Iterator[minari.EpisodeData]:
+    """Minari's episodes, with read failures of a damaged file turned into a `DatasetError`."""
+    episodes = dataset.iterate_episodes()
+    while True:
+        try:
+            episode = next(episodes)
+        except StopIteration:
+            return
+        except READ_ERRORS as exc:
+            raise corrupted_dataset_error(dataset.id, Path(dataset.spec.data_path), exc) from None
+        yield episode
+
+
+def _empty_layout(n: int, obs_shape: tuple[int, ...], act_shape: tuple[int, ...]) -> TensorDict:
+    """The transition layout on the meta device: shapes and dtypes only, no memory."""
+    def empty(*shape, dtype=torch.float32):
+        return torch.empty(n, *shape, dtype=dtype, device="meta")
+
+    return TensorDict({
+        "observation": empty(*obs_shape), "action": empty(*act_shape),
+        "episode": empty(dtype=torch.int64), "mc_return": empty(1),
+        "next": {"observation": empty(*obs_shape), "reward": empty(1), "terminated": empty(1, dtype=torch.bool),
+                 "truncated": empty(1, dtype=torch.bool), "done": empty(1, dtype=torch.bool)},
+    }, batch_size=[n])
+
+
+def _build_cache(dataset: minari.MinariDataset, gamma: float, final: Path) -> None:
+    """Write the transitions of `dataset` to `final`, atomically (built in a hidden folder, then renamed)."""
+    obs_space, act_space = _box_spaces(dataset)
+    n = dataset.total_steps
+    data_path = Path(dataset.spec.data_path)
+    if n == 0:
+        raise DatasetError(f"dataset {dataset.id!r} has no transitions; re-create it with some steps")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
+    try:
+        out = _empty_layout(n, obs_space.shape, act_space.shape).memmap_like(prefix=tmp)
+        start, returns = 0, []
+        for episode in tqdm(_episodes(dataset), total=dataset.total_episodes, desc=f"caching {dataset.id}",
+                            unit="episode", disable=None):
+            t = len(episode.rewards)
+            obs = np.asarray(episode.observations, dtype=np.float32)
+            if obs.shape != (t + 1, *obs_space.shape) or start + t > n:
+                raise corrupted_dataset_error(dataset.id, data_path, ValueError(
+                    f"episode {episode.id} has {len(obs)} observations for {t} steps"))
+            terminated = torch.as_tensor(np.asarray(episode.terminations, dtype=bool)).unsqueeze(-1)
+            truncated = torch.as_tensor(np.asarray(episode.truncations, dtype=bool)).unsqueeze(-1)
+            out[start:start + t] = TensorDict({
+                "observation": torch.as_tensor(obs[:-1]),
+                "action": torch.as_tensor(np.asarray(episode.actions, dtype=np.float32)),
+                "episode": torch.full((t,), int(episode.id), dtype=torch.int64),
+                "mc_return": torch.as_tensor(discounted_returns(episode.rewards, gamma), dtype=torch.float32).unsqueeze(-1),
+                "next": {"observation": torch.as_tensor(obs[1:]),
+                         "reward": torch.as_tensor(np.asarray(episode.rewards, dtype=np.float32)).unsqueeze(-1),
+                         "terminated": terminated, "truncated": truncated, "done": terminated | truncated},
+            }, batch_size=[t])
+            start += t
+            returns.append(math.fsum(episode.rewards.tolist()))
+        if start != n:
+            raise corrupted_dataset_error(dataset.id, data_path, ValueError(
+                f"metadata says {n} steps, episodes hold {start}"))
+        (tmp / STATS_FILE).write_text(json.dumps({"mean_return": math.fsum(returns) / len(returns),
+                                                  "num_episodes": len(returns)}))
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process built the same cache meanwhile: keep theirs
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for stale in final.parent.iterdir():  # caches of older contents of this dataset
+        if stale != final and not stale.name.startswith("."):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def load_transitions(dataset_id: str, gamma: float = 0.99, download: bool = False,
+                     cache_dir: str | os.PathLike | None = None) -> tuple[TensorDict, DatasetInfo]:
+    """All transitions of a local Minari dataset as a memory-mapped TensorDict, and its `DatasetInfo`.
+
+    Keys: `observation`, `action`, `("next", k)` for observation, reward [N, 1], terminated,
+    truncated, done [N, 1] (bool), `mc_return` [N, 1] (discounted return-to-go with `gamma`),
+    `episode` [N] (Minari's episode id). Observations, actions, rewards are float32.
+    """
+    dataset = open_dataset(dataset_id, download=download)
+    obs_space, act_space = _box_spaces(dataset)
+    data_path = Path(dataset.spec.data_path)
+    key = hashlib.sha256(f"{CACHE_FORMAT}|{_fingerprint(data_path)}|{float(gamma)!r}".encode()).hexdigest()[:20]
+    final = Path(cache_dir or default_cache_dir()) / "offline" / dataset_id / key
+    if not final.is_dir():
+        _build_cache(dataset, gamma, final)
+    transitions = TensorDict.load_memmap(final)
+    stats = json.loads((final / STATS_FILE).read_text())
+    metadata = MinariStorage.read_raw_metadata(data_path)
+    info = DatasetInfo(
+        dataset_id=dataset_id, observation_space=obs_space, action_space=act_space, env_spec=dataset.env_spec,
+        num_episodes=stats["num_episodes"], num_transitions=transitions.shape[0], mean_return=stats["mean_return"],
+        ref_min_score=metadata.get("ref_min_score"), ref_max_score=metadata.get("ref_max_score"),
+        path=data_path.parent, metadata=metadata)
+    return transitions, info
+
+
+def load_offline_replay(dataset_id: str, batch_size: int, gamma: float = 0.99, download: bool = False,
+                        cache_dir: str | os.PathLike | None = None,
+                        device: str | torch.device = "cpu") -> tuple[ReplayBuffer, DatasetInfo]:
+    """A uniform-sampling TorchRL replay buffer over a dataset's transitions (see `load_transitions`).
+
+    The storage stays memory-mapped on the host; sampled batches are moved to `device`.
+    """
+    transitions, info = load_transitions(dataset_id, gamma=gamma, download=download, cache_dir=cache_dir)
+    device = torch.device(device)
+    transform = None if device.type == "cpu" else (lambda batch: batch.to(device))
+    replay = ReplayBuffer(storage=TensorStorage(transitions), sampler=RandomSampler(), batch_size=batch_size,
+                          transform=transform)
+    return replay, info
+
+
+def _bounds(spec) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(spec, Bounded):
+        return spec.space.low.float(), spec.space.high.float()
+    inf = torch.full(spec.shape, math.inf)
+    return -inf, inf
+
+
+def _describe_box(low, high, shape) -> str:
+    def fmt(values):
+        return np.array2string(np.asarray(values).ravel(), precision=3, threshold=8, max_line_width=10**6)
+    return f"shape {tuple(shape)}, low {fmt(low)}, high {fmt(high)}"
+
+
+def check_spaces(info: DatasetInfo, env: EnvBase) -> None:
+    """Raise `DatasetError` unless the dataset's observation and action boxes match the env's specs."""
+    batch_dims = len(env.batch_size)
+    for name, space, spec in (("observation", info.observation_space, env.observation_spec["observation"]),
+                              ("action", info.action_space, env.action_spec)):
+        low, high = (bound[(0,) * batch_dims] for bound in _bounds(spec))
+        shape = tuple(spec.shape[batch_dims:])
+        if shape == tuple(space.shape) and all(
+                torch.equal(torch.as_tensor(ref, dtype=torch.float32), got)
+                for ref, got in ((space.low, low), (space.high, high))):
+            continue
+        raise DatasetError(
+            f"dataset {info.dataset_id!r} does not fit the env: its {name} space is "
+            f"{_describe_box(space.low, space.high, space.shape)} but the env's is "
+            f"{_describe_box(low.numpy(), high.numpy(), shape)}; "
+            f"use the env the dataset was recorded on ({info.env_id}) or a dataset of this env")
+
+
+def normalized_score(raw_return, info: DatasetInfo):
+    """D4RL-style score: 0 = random policy, 100 = expert, from the dataset's reference scores."""
+    if info.ref_min_score is None or info.ref_max_score is None:
+        raise DatasetError(f"dataset {info.dataset_id!r} has no reference scores; re-create it with an expert "
+                           "(--expert CHECKPOINT or --ref-max-score VALUE) to normalise returns")
+    return 100.0 * (raw_return - info.ref_min_score) / (info.ref_max_score - info.ref_min_score)
