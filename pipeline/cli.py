@@ -1,47 +1,63 @@
-"""The `cqlsac` command line."""
+"""The `cqlsac` command line: `run`, `eval` and `datasets`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
+from cqlsac.pipeline.config import ConfigError
+from cqlsac.pipeline.datasets_cli import USER_ERRORS, add_datasets_parser
 
-def demo(args: argparse.Namespace) -> int:
-    """A few CQL-SAC updates on random Pendulum-v1 data: shows the components fit together."""
-    import torch
 
-    from cqlsac.components.cql_loss import CQLSACLoss, LossConfig
-    from cqlsac.components.envs import make_env
-    from cqlsac.components.networks import NetworkConfig, make_actor, make_critics
-    from cqlsac.components.update import OptimConfig, make_optimizer, update_step
+def run_command(args: argparse.Namespace) -> int:
+    """Run the pipeline; the run directory is the last line printed."""
+    from cqlsac.pipeline.pipeline import Pipeline
 
-    torch.manual_seed(args.seed)
-    env = make_env("Pendulum-v1", seed=args.seed)
-    net = NetworkConfig()
-    actor = make_actor(env.observation_spec["observation"], env.action_spec, net)
-    critic = make_critics(env.observation_spec["observation"], env.action_spec, net)
-    loss = CQLSACLoss(actor, critic, LossConfig())
-    optimizer = make_optimizer(loss, OptimConfig())
-    with torch.no_grad():
-        batch = env.rollout(256, break_when_any_done=False)
-    for step in range(args.updates):
-        out = update_step(loss, optimizer, batch, tau=0.005)
-        print(f"update {step}: " + ", ".join(f"{k}={v.item():.3f}" for k, v in out.items()))
+    pipe = Pipeline.from_yaml(args.config, args.overrides)
+    summary = pipe.run()
+    print(json.dumps({k: summary[k] for k in ("final_eval_return", "final_normalized_score", "stage_seconds")}))
+    print(pipe.run_dir)
+    return 0
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    """Evaluate a policy checkpoint deterministically on its own env."""
+    from cqlsac.pipeline.checkpoints import load_policy
+    from cqlsac.pipeline.training import evaluate_policy
+
+    actor, meta = load_policy(args.checkpoint)
+    returns = evaluate_policy(actor, meta["env_id"], meta["env_kwargs"], args.episodes, args.seed)
+    print(json.dumps({"env": meta["env_id"], "episodes": args.episodes,
+                      "mean_return": sum(returns) / len(returns), "returns": returns}))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cqlsac", description="Offline-to-online RL with CQL-SAC on TorchRL.")
     commands = parser.add_subparsers(dest="command")
-    demo_parser = commands.add_parser("demo", help="run a few CQL-SAC updates on random Pendulum data")
-    demo_parser.add_argument("--updates", type=int, default=5)
-    demo_parser.add_argument("--seed", type=int, default=0)
-    demo_parser.set_defaults(handler=demo)
+    run = commands.add_parser("run", help="run the pipeline (pretrain, dataset, offline, finetune, evaluate)")
+    run.add_argument("config", nargs="?", help="YAML config (default: the built-in Pendulum-v1 pipeline)")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. finetune.mixing=annealed seed=3")
+    run.set_defaults(handler=run_command)
+    evaluate = commands.add_parser("eval", help="evaluate a policy checkpoint")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--episodes", type=int, default=10)
+    evaluate.add_argument("--seed", type=int, default=10_000)
+    evaluate.set_defaults(handler=eval_command)
+    add_datasets_parser(commands)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    return args.handler(args)
+    if args.command == "run" and args.config is not None and "=" in args.config:
+        args.overrides.insert(0, args.config)  # `cqlsac run key=value` without a config file
+        args.config = None
+    try:
+        return args.handler(args)
+    except (ConfigError, *USER_ERRORS) as exc:
+        print(f"cqlsac {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

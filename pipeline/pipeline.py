@@ -1,0 +1,328 @@
+"""The declarative CQL-SAC pipeline: pretrain -> dataset -> offline -> finetune -> evaluate.
+
+Each stage declares the stages it reads and the config sections it depends on. Its outputs go to
+`cache_dir/<stage>-<hash>/`, the hash covering those sections and the upstream hashes, and a stage
+whose outputs exist is not run again: changing only `finetune.*` reruns finetune and evaluate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tensordict import TensorDict
+from torchrl.record.loggers import CSVLogger, TensorboardLogger
+
+from cqlsac.components.cql_loss import CQLSACLoss, LossConfig
+from cqlsac.components.collector import make_collector
+from cqlsac.components.envs import make_env
+from cqlsac.components.networks import make_actor, make_critics
+from cqlsac.components.replay import MixedReplay, make_online_buffer
+from cqlsac.components.update import make_optimizer
+from cqlsac.datasets.offline import check_spaces, load_offline_replay, normalized_score
+from cqlsac.pipeline import report
+from cqlsac.pipeline.checkpoints import atomic_torch_save, load_policy, save_policy
+from cqlsac.pipeline.config import STAGES, PipelineConfig, config_hash
+from cqlsac.pipeline.dataset_creation import create_dataset, write_replay_dataset
+from cqlsac.pipeline.training import EpisodeAccumulator, evaluate_policy, train_offline, train_online
+
+STAGE_SEED_OFFSET = {name: 1000 * i for i, name in enumerate(STAGES)}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    inputs: tuple[str, ...]
+    sections: Callable[[PipelineConfig], tuple]
+    run: Callable[["Pipeline", Path], dict]
+
+
+def atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+class Pipeline:
+    """Wires components from a `PipelineConfig` and runs the named stages in dependency order."""
+
+    def __init__(self, cfg: PipelineConfig, run_dir: str | Path | None = None):
+        self.cfg = cfg
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.run_dir = Path(run_dir) if run_dir else Path(cfg.output_dir) / f"{stamp}-{config_hash(cfg)[:6]}"
+        self.outputs: dict[str, dict] = {}
+        self.stage_seconds: dict[str, float] = {}
+        self._hashes: dict[str, str] = {}
+        self._logger = None
+
+    @classmethod
+    def from_yaml(cls, path=None, overrides=(), run_dir=None) -> "Pipeline":
+        return cls(PipelineConfig.from_yaml(path, list(overrides)), run_dir)
+
+    # --- wiring ---------------------------------------------------------------------------
+    def env(self, seed: int | None = None):
+        return make_env(self.cfg.env.id, seed=seed, env_kwargs=self.cfg.env.kwargs)
+
+    def new_agent(self, loss_cfg):
+        """Fresh actor, critics, loss for the env's specs."""
+        env = self.env()
+        obs_spec, act_spec = env.observation_spec["observation"], env.action_spec
+        env.close()
+        actor = make_actor(obs_spec, act_spec, self.cfg.network)
+        critic = make_critics(obs_spec, act_spec, self.cfg.network)
+        return CQLSACLoss(actor, critic, loss_cfg)
+
+    def evaluate(self, actor, episodes: int, seed: int) -> float:
+        returns = evaluate_policy(actor, self.cfg.env.id, self.cfg.env.kwargs, episodes, seed)
+        return sum(returns) / len(returns)
+
+    def log(self, prefix: str, metrics, step: int) -> None:
+        for key, value in metrics.items():
+            self.logger.log_scalar(f"{prefix}/{key}", float(value), step=step)
+
+    @property
+    def logger(self):
+        if self._logger is None:
+            logger_cls = TensorboardLogger if self.cfg.logger == "tensorboard" else CSVLogger
+            self._logger = logger_cls(exp_name="logs", log_dir=str(self.run_dir))
+        return self._logger
+
+    # --- orchestration --------------------------------------------------------------------
+    def stage_hash(self, name: str) -> str:
+        if name not in self._hashes:
+            stage = STAGE_TABLE[name]
+            self._hashes[name] = config_hash(name, self.cfg.seed, *stage.sections(self.cfg),
+                                             *[self.stage_hash(i) for i in self.inputs_of(stage)])
+        return self._hashes[name]
+
+    def inputs_of(self, stage: Stage) -> tuple[str, ...]:
+        # A named dataset replaces the pretrain and dataset stages.
+        if self.cfg.dataset.name is not None:
+            return tuple(i for i in stage.inputs if i not in ("pretrain", "dataset"))
+        return stage.inputs
+
+    def plan(self, stages=None) -> list[str]:
+        """The stages to run, with the stages they need, in dependency order."""
+        wanted = list(stages or self.cfg.stages)
+        order: list[str] = []
+
+        def visit(name):
+            if name in order:
+                return
+            for dep in self.inputs_of(STAGE_TABLE[name]):
+                visit(dep)
+            order.append(name)
+
+        for name in wanted:
+            if self.cfg.dataset.name is not None and name in ("pretrain", "dataset"):
+                continue
+            visit(name)
+        return order
+
+    def stage_dir(self, name: str) -> Path:
+        return Path(self.cfg.cache_dir) / f"{name}-{self.stage_hash(name)}"
+
+    def run(self, stages=None) -> dict:
+        """Run (or reuse) the stages; write the report and `summary.json`; return the summary."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg.to_yaml(self.run_dir / "config.yaml")
+        for name in self.plan(stages):
+            out_dir = self.stage_dir(name)
+            done = out_dir / "outputs.json"
+            if done.is_file():
+                self.outputs[name] = json.loads(done.read_text())
+                print(f"[{name}] reusing {out_dir}")
+                continue
+            out_dir.mkdir(parents=True, exist_ok=True)
+            torch.manual_seed(self.cfg.seed + STAGE_SEED_OFFSET[name])
+            start = time.perf_counter()
+            outputs = STAGE_TABLE[name].run(self, out_dir)
+            self.stage_seconds[name] = round(time.perf_counter() - start, 2)
+            atomic_json(done, outputs)
+            self.outputs[name] = outputs
+        summary = report.write(self)
+        return summary
+
+    # --- data sources ---------------------------------------------------------------------
+    def offline_replay(self, batch_size: int):
+        dataset_id = self.cfg.dataset.name or self.outputs["dataset"]["dataset_id"]
+        gamma = self.cfg.offline.loss.gamma
+        replay, info = load_offline_replay(dataset_id, batch_size=batch_size, gamma=gamma)
+        env = self.env()
+        check_spaces(info, env)
+        env.close()
+        return replay, info
+
+
+# --- the stages ---------------------------------------------------------------------------
+def run_pretrain(pipe: Pipeline, out: Path) -> dict:
+    """Online SAC from scratch; saves a policy checkpoint at every evaluation and its replay data."""
+    cfg = pipe.cfg
+    loss = pipe.new_agent(LossConfig(gamma=cfg.offline.loss.gamma, cql_weight=0.0))
+    optimizer = make_optimizer(loss, cfg.pretrain.optim)
+    pcfg = cfg.pretrain
+    buffer = make_online_buffer(pcfg.frames)
+    checkpoints = []
+
+    def on_eval(frames, mean_return):
+        path = out / f"policy_{frames:08d}.pt"
+        save_policy(path, loss.actor_network, cfg.env.id, cfg.network, cfg.env.kwargs, mean_return=mean_return,
+                    frames=frames)
+        checkpoints.append({"frames": frames, "return": mean_return, "path": str(path)})
+        pipe.logger.log_scalar("pretrain/eval_return", mean_return, step=frames)
+
+    collector = make_collector(pipe.env, loss.actor_network, frames_per_batch=pcfg.frames_per_batch,
+                               total_frames=pcfg.frames, init_random_frames=pcfg.init_random_frames, seed=cfg.seed)
+    train_online(loss, optimizer, pcfg.optim.tau, collector,
+                 add=lambda data: buffer.extend(data.reshape(-1)),
+                 sample=lambda progress: buffer.sample(pcfg.batch_size),
+                 can_update=lambda frames: frames >= pcfg.init_random_frames,
+                 total_frames=pcfg.frames, utd_ratio=pcfg.utd_ratio,
+                 evaluate=lambda: pipe.evaluate(loss.actor_network, pcfg.eval_episodes, cfg.evaluate.seed),
+                 eval_every=pcfg.eval_every, on_eval=on_eval, log=pipe.log, desc="pretrain")
+    replay_path = out / "replay"
+    shutil.rmtree(replay_path, ignore_errors=True)
+    buffer[:].exclude("collector", "loc", "scale").memmap(replay_path)
+    random_return = pipe.evaluate(None, pcfg.eval_episodes, cfg.evaluate.seed)
+    return {"checkpoints": checkpoints, "replay": str(replay_path), "random_return": random_return}
+
+
+def run_dataset(pipe: Pipeline, out: Path) -> dict:
+    """D^beta from the pretrained behaviour policies, written as a Minari dataset (D4RL presets).
+
+    expert = the best pretrain checkpoint; medium = the checkpoint closest to `medium_level` of the
+    way from the random return to the expert's; medium-replay = the pretrain replay up to medium.
+    """
+    cfg, dcfg, pretrain = pipe.cfg, pipe.cfg.dataset, pipe.outputs["pretrain"]
+    env_slug = cfg.env.id.lower().replace("-", "_")
+    dataset_id = f"cqlsac/{env_slug}/{dcfg.preset}_{pipe.stage_hash('dataset')[:8]}-v0"
+    checkpoints = pretrain["checkpoints"]
+    expert = max(checkpoints, key=lambda c: c["return"])
+    level = pretrain["random_return"] + dcfg.medium_level * (expert["return"] - pretrain["random_return"])
+    medium = min(checkpoints, key=lambda c: abs(c["return"] - level))
+    # Reference scores need an expert that beats random play; a short pretraining may not give one.
+    learned = expert["return"] > pretrain["random_return"]
+    common = dict(expert=expert["path"] if learned else None, seed=cfg.seed, overwrite=True)
+    if dcfg.preset == "medium-replay":
+        replay = TensorDict.load_memmap(pretrain["replay"])[: medium["frames"]]
+        write_replay_dataset(dataset_id, replay, cfg.env.id, cfg.env.kwargs, **common)
+    else:
+        policies = {"random": ["random"], "medium": [medium["path"]], "expert": [expert["path"]],
+                    "medium-expert": [medium["path"], expert["path"]]}[dcfg.preset]
+        create_dataset(dataset_id, policies, dcfg.steps, env_id=cfg.env.id, env_kwargs=cfg.env.kwargs,
+                       preset=dcfg.preset, **common)
+    return {"dataset_id": dataset_id, "medium": medium, "expert": expert}
+
+
+def run_offline(pipe: Pipeline, out: Path) -> dict:
+    """CQL-SAC on the offline replay for `offline.updates` updates."""
+    ocfg = pipe.cfg.offline
+    replay, info = pipe.offline_replay(ocfg.batch_size)
+    loss = pipe.new_agent(ocfg.loss)
+    optimizer = make_optimizer(loss, ocfg.optim)
+    keys = loss.in_keys
+    train_offline(loss, optimizer, ocfg.optim.tau, lambda: replay.sample().select(*keys), ocfg.updates,
+                  pipe.log, ocfg.log_every)
+    mean_return = pipe.evaluate(loss.actor_network, pipe.cfg.evaluate.episodes, pipe.cfg.evaluate.seed)
+    pipe.logger.log_scalar("offline/eval_return", mean_return, step=ocfg.updates)
+    atomic_torch_save({"loss": loss.state_dict()}, out / "agent.pt")
+    save_policy(out / "policy.pt", loss.actor_network, pipe.cfg.env.id, pipe.cfg.network, pipe.cfg.env.kwargs,
+                mean_return=mean_return)
+    return {"agent": str(out / "agent.pt"), "policy": str(out / "policy.pt"), "eval_return": mean_return,
+            "dataset_id": info.dataset_id, "dataset_mean_return": info.mean_return}
+
+
+def run_finetune(pipe: Pipeline, out: Path) -> dict:
+    """Offline-online combined training from the offline agent, and SAC from scratch as the baseline."""
+    cfg, fcfg = pipe.cfg, pipe.cfg.finetune
+    loss_cfg = dataclasses.replace(
+        cfg.offline.loss,
+        cql_weight=cfg.offline.loss.cql_weight if fcfg.cql_weight is None else fcfg.cql_weight,
+        calibrated=fcfg.calibrated or cfg.offline.loss.calibrated)
+    loss = pipe.new_agent(loss_cfg)
+    state = torch.load(pipe.outputs["offline"]["agent"], weights_only=True)["loss"]
+    loss.load_state_dict(state)
+    optimizer = make_optimizer(loss, cfg.offline.optim)
+    offline, _ = pipe.offline_replay(fcfg.batch_size)
+    keys = loss.in_keys + ["mc_return"] if "mc_return" not in loss.in_keys else loss.in_keys
+    initial = offline.storage[:].select(*keys) if fcfg.mixing == "merged" else None
+    online = make_online_buffer(fcfg.frames, initial)
+    if fcfg.mixing == "merged":
+        mixed = MixedReplay(offline, online, fcfg.batch_size, keys, start_fraction=0.0)
+    else:
+        end = fcfg.offline_fraction_end if fcfg.mixing == "annealed" else None
+        mixed = MixedReplay(offline, online, fcfg.batch_size, keys, fcfg.offline_fraction, end)
+    accumulator = EpisodeAccumulator(loss_cfg.gamma, keys)
+
+    def add(data):
+        completed = accumulator.add(data)
+        if completed is not None:
+            online.extend(completed)
+
+    evals = [(0, pipe.outputs["offline"]["eval_return"])]
+    collector = make_collector(pipe.env, loss.actor_network, frames_per_batch=fcfg.frames_per_batch,
+                               total_frames=fcfg.frames, seed=cfg.seed + 1)
+
+    def on_eval(frames, mean_return):
+        evals.append((frames, mean_return))
+        pipe.logger.log_scalar("finetune/eval_return", mean_return, step=frames)
+
+    train_online(loss, optimizer, cfg.offline.optim.tau, collector, add=add, sample=mixed.sample,
+                 can_update=lambda frames: True, total_frames=fcfg.frames, utd_ratio=fcfg.utd_ratio,
+                 evaluate=lambda: pipe.evaluate(loss.actor_network, fcfg.eval_episodes, cfg.evaluate.seed),
+                 eval_every=fcfg.eval_every, on_eval=on_eval, log=pipe.log, desc="finetune")
+    save_policy(out / "policy.pt", loss.actor_network, cfg.env.id, cfg.network, cfg.env.kwargs)
+    outputs = {"policy": str(out / "policy.pt"), "evals": evals}
+    if fcfg.sac_baseline:
+        outputs["sac_baseline_evals"] = run_sac_baseline(pipe, out)
+    return outputs
+
+
+def run_sac_baseline(pipe: Pipeline, out: Path) -> list:
+    """SAC from scratch for the fine-tuning budget: the curve the fine-tuned agent is compared with."""
+    cfg, fcfg = pipe.cfg, pipe.cfg.finetune
+    loss = pipe.new_agent(LossConfig(gamma=cfg.offline.loss.gamma, cql_weight=0.0))
+    optimizer = make_optimizer(loss, cfg.pretrain.optim)
+    buffer = make_online_buffer(fcfg.frames)
+    evals = []
+    warmup = min(cfg.pretrain.init_random_frames, fcfg.frames // 2)
+    collector = make_collector(pipe.env, loss.actor_network, frames_per_batch=fcfg.frames_per_batch,
+                               total_frames=fcfg.frames, init_random_frames=warmup, seed=cfg.seed + 2)
+    train_online(loss, optimizer, cfg.pretrain.optim.tau, collector,
+                 add=lambda data: buffer.extend(data.reshape(-1)),
+                 sample=lambda progress: buffer.sample(fcfg.batch_size),
+                 can_update=lambda frames: frames >= warmup, total_frames=fcfg.frames, utd_ratio=fcfg.utd_ratio,
+                 evaluate=lambda: pipe.evaluate(loss.actor_network, fcfg.eval_episodes, cfg.evaluate.seed),
+                 eval_every=fcfg.eval_every, on_eval=lambda frames, r: evals.append((frames, r)),
+                 log=pipe.log, desc="sac-baseline")
+    return evals
+
+
+def run_evaluate(pipe: Pipeline, out: Path) -> dict:
+    """The final policy, deterministic, over `evaluate.episodes` seeded episodes; raw and normalised."""
+    policy = pipe.outputs["finetune"]["policy"]
+    actor, _ = load_policy(policy)
+    ecfg = pipe.cfg.evaluate
+    returns = evaluate_policy(actor, pipe.cfg.env.id, pipe.cfg.env.kwargs, ecfg.episodes, ecfg.seed)
+    mean_return = sum(returns) / len(returns)
+    _, info = pipe.offline_replay(1)
+    has_scores = info.ref_min_score is not None and info.ref_max_score is not None
+    return {"policy": policy, "returns": returns, "mean_return": mean_return,
+            "normalized_score": normalized_score(mean_return, info) if has_scores else None}
+
+
+STAGE_TABLE = {
+    "pretrain": Stage("pretrain", (), lambda c: (c.env, c.network, c.pretrain), run_pretrain),
+    "dataset": Stage("dataset", ("pretrain",), lambda c: (c.env, c.dataset), run_dataset),
+    "offline": Stage("offline", ("dataset",), lambda c: (c.env, c.network, c.dataset, c.offline, c.evaluate),
+                     run_offline),
+    "finetune": Stage("finetune", ("offline",), lambda c: (c.env, c.finetune, c.pretrain.optim), run_finetune),
+    "evaluate": Stage("evaluate", ("finetune",), lambda c: (c.env, c.evaluate), run_evaluate),
+}

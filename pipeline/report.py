@@ -1,0 +1,68 @@
+"""The end-of-run report: `summary.json`, `report.md` and PNG learning curves in the run directory."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_scalar(run_dir: Path, name: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of one scalar logged by the CSV logger; empty when it was not logged."""
+    path = run_dir / "logs" / "scalars" / f"{name}.csv"
+    if not path.is_file():
+        return [], []
+    with path.open() as f:
+        rows = [(float(step), float(value)) for step, value in csv.reader(f)]
+    return [s for s, _ in rows], [v for _, v in rows]
+
+
+def plot_curves(pipe, path: Path) -> None:
+    """Return against environment steps (fine-tuning vs SAC from scratch), Q and CQL gap over updates."""
+    fig, (ax_return, ax_q) = plt.subplots(1, 2, figsize=(11, 4))
+    finetune = pipe.outputs.get("finetune", {})
+    for label, evals in (("offline-to-online CQL-SAC", finetune.get("evals")),
+                         ("SAC from scratch", finetune.get("sac_baseline_evals"))):
+        if evals:
+            ax_return.plot(*zip(*evals), marker="o", label=label)
+    ax_return.set(xlabel="online environment steps", ylabel="mean evaluation return", title="Fine-tuning")
+    ax_return.legend()
+    for name in ("offline/q_data", "offline/cql_gap"):
+        steps, values = read_scalar(pipe.run_dir, name)
+        if steps:
+            ax_q.plot(steps, values, label=name)
+    ax_q.set(xlabel="offline updates", title="Offline Q-values and CQL gap")
+    ax_q.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write(pipe) -> dict:
+    """Write summary, report and curves; return the summary."""
+    run_dir = pipe.run_dir
+    evaluate = pipe.outputs.get("evaluate", {})
+    summary = {
+        "run_dir": str(run_dir),
+        "env": pipe.cfg.env.id,
+        "seed": pipe.cfg.seed,
+        "final_eval_return": evaluate.get("mean_return"),
+        "final_normalized_score": evaluate.get("normalized_score"),
+        "offline_eval_return": pipe.outputs.get("offline", {}).get("eval_return"),
+        "dataset_id": pipe.outputs.get("offline", {}).get("dataset_id"),
+        "dataset_mean_return": pipe.outputs.get("offline", {}).get("dataset_mean_return"),
+        "stage_seconds": pipe.stage_seconds,
+        "stage_outputs": {name: str(pipe.stage_dir(name)) for name in pipe.outputs},
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_curves(pipe, run_dir / "curves.png")
+    lines = ["# cqlsac run report", "", f"Run directory: `{run_dir}`", "", "| quantity | value |", "| --- | --- |"]
+    lines += [f"| {key} | {value} |" for key, value in summary.items() if key not in ("stage_outputs", "run_dir")]
+    lines += ["", "![learning curves](curves.png)", ""]
+    (run_dir / "report.md").write_text("\n".join(lines))
+    return summary

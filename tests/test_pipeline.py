@@ -1,0 +1,154 @@
+"""The declarative pipeline: config loading, stage planning and caching, a tiny end-to-end run."""
+
+import json
+
+import pytest
+import torch
+from tensordict import TensorDict
+from torchrl.data import LazyTensorStorage, ReplayBuffer
+
+from cqlsac.components.replay import MixedReplay
+from cqlsac.pipeline.cli import main
+from cqlsac.pipeline.config import ConfigError, PipelineConfig
+from cqlsac.pipeline.pipeline import Pipeline
+from cqlsac.pipeline.training import EpisodeAccumulator
+
+TINY = [
+    "network.actor_hidden=[32,32]", "network.critic_hidden=[32,32]",
+    "pretrain.frames=600", "pretrain.init_random_frames=200", "pretrain.frames_per_batch=100",
+    "pretrain.eval_every=300", "pretrain.eval_episodes=1", "pretrain.batch_size=64",
+    "dataset.steps=400", "dataset.preset=random",
+    "offline.updates=40", "offline.batch_size=64", "offline.log_every=10", "offline.loss.num_actions=4",
+    "finetune.frames=400", "finetune.frames_per_batch=100", "finetune.eval_every=200",
+    "finetune.eval_episodes=1", "finetune.batch_size=64", "evaluate.episodes=2",
+]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    monkeypatch.setenv("CQLSAC_CACHE", str(tmp_path / "cqlsac-cache"))
+    return tmp_path
+
+
+def tiny(workdir, *extra, cache="cache"):
+    return TINY + [f"output_dir={workdir / 'runs'}", f"cache_dir={workdir / cache}", *extra]
+
+
+# ---- config ------------------------------------------------------------------------------
+def test_yaml_round_trip_and_overrides(tmp_path):
+    cfg = PipelineConfig.from_yaml(None, ["finetune.mixing=annealed", "offline.loss.lagrange=true",
+                                          "network.critic_hidden=[16,8]", "seed=7", "finetune.cql_weight=null"])
+    assert cfg.finetune.mixing == "annealed" and cfg.offline.loss.lagrange is True
+    assert cfg.network.critic_hidden == (16, 8) and cfg.network.actor_hidden == (64, 64)  # section defaults kept
+    assert cfg.seed == 7 and cfg.finetune.cql_weight is None
+    path = tmp_path / "c.yaml"
+    cfg.to_yaml(path)
+    assert PipelineConfig.from_yaml(path) == cfg
+    assert PipelineConfig.from_yaml(path, ["seed=8"]).seed == 8
+
+
+@pytest.mark.parametrize("override, message", [
+    ("finetune.mixng=fixed", "unknown config key(s) finetune.mixng"),
+    ("offline.updates=many", "offline.updates must be an integer"),
+    ("offline.loss.lagrange=3", "offline.loss.lagrange must be true or false"),
+    ("finetune.mixing=sometimes", "finetune.mixing must be one of"),
+    ("offline.loss.cql_weight=-1", "cql_weight=-1.0"),
+    ("stages=[pretrain,train]", "unknown stage(s) ['train']"),
+    ("seed", "must look like key=value"),
+])
+def test_bad_config_names_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        PipelineConfig.from_yaml(None, [override])
+    assert message in str(err.value)
+
+
+def test_cli_reports_config_errors_with_exit_status_2(capsys):
+    assert main(["run", "offline.updatez=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown config key(s) offline.updatez" in err
+
+
+def test_named_dataset_replaces_pretrain_and_dataset_stages():
+    pipe = Pipeline(PipelineConfig.from_yaml(None, ["dataset.name=pendulum/sac-medium-v0"]))
+    assert pipe.plan() == ["offline", "finetune", "evaluate"]
+    assert Pipeline(PipelineConfig()).plan(["offline"]) == ["pretrain", "dataset", "offline"]
+
+
+def test_stage_hash_depends_only_on_its_inputs():
+    base = Pipeline(PipelineConfig())
+    changed = Pipeline(PipelineConfig.from_yaml(None, ["finetune.offline_fraction=0.25"]))
+    for stage in ("pretrain", "dataset", "offline"):
+        assert base.stage_hash(stage) == changed.stage_hash(stage)
+    for stage in ("finetune", "evaluate"):
+        assert base.stage_hash(stage) != changed.stage_hash(stage)
+
+
+# ---- replay mixing and online episodes ----------------------------------------------------
+def constant_buffer(value, n=50):
+    buffer = ReplayBuffer(storage=LazyTensorStorage(n))
+    buffer.extend(TensorDict({"x": torch.full((n, 1), float(value)), "extra": torch.zeros(n)}, [n]))
+    return buffer
+
+
+def test_mixed_replay_takes_an_exact_offline_share():
+    offline, online = constant_buffer(1), constant_buffer(0)
+    fixed = MixedReplay(offline, online, batch_size=40, keys=["x"], start_fraction=0.25)
+    batch = fixed.sample()
+    assert batch.shape == (40,) and list(batch.keys()) == ["x"]
+    assert batch["x"].sum().item() == 10
+    annealed = MixedReplay(offline, online, batch_size=40, keys=["x"], start_fraction=1.0, end_fraction=0.0)
+    assert [annealed.sample(p)["x"].sum().item() for p in (0.0, 0.5, 1.0)] == [40, 20, 0]
+    empty_online = MixedReplay(offline, ReplayBuffer(storage=LazyTensorStorage(5)), 8, ["x"], start_fraction=0.0)
+    assert empty_online.sample()["x"].sum().item() == 8
+
+
+def test_episode_accumulator_releases_whole_episodes_with_return_to_go():
+    gamma = 0.5
+    acc = EpisodeAccumulator(gamma, ["observation", ("next", "reward"), ("next", "done")])
+
+    def steps(rewards, done_at):
+        n = len(rewards)
+        done = torch.zeros(n, 1, dtype=torch.bool)
+        for i in done_at:
+            done[i] = True
+        return TensorDict({"observation": torch.arange(n, dtype=torch.float32).unsqueeze(-1),
+                           "next": {"reward": torch.tensor(rewards).unsqueeze(-1), "done": done}}, [n])
+
+    assert acc.add(steps([1.0, 2.0], [])) is None
+    released = acc.add(steps([4.0, 8.0, 16.0], [0]))
+    # Episode rewards 1, 2, 4: returns-to-go 1 + 0.5*2 + 0.25*4 = 3, 2 + 0.5*4 = 4, 4.
+    assert released["mc_return"].squeeze(-1).tolist() == [3.0, 4.0, 4.0]
+    released = acc.add(steps([32.0], [0]))
+    assert released["mc_return"].squeeze(-1).tolist() == [8 + 0.5 * 16 + 0.25 * 32, 16 + 0.5 * 32, 32.0]
+
+
+# ---- end to end ----------------------------------------------------------------------------
+def test_tiny_pipeline_runs_all_stages_and_reuses_finished_ones(workdir, capsys):
+    assert main(["run", *tiny(workdir)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    run_dir = workdir / "runs" / lines[-1].rsplit("/", 1)[-1]
+    assert lines[-1] == str(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["stage_seconds"]) == {"pretrain", "dataset", "offline", "finetune", "evaluate"}
+    assert isinstance(summary["final_eval_return"], float)
+    assert "final_normalized_score" in summary
+    for name in ("config.yaml", "report.md", "curves.png"):
+        assert (run_dir / name).is_file()
+    assert (run_dir / "logs" / "scalars" / "offline" / "cql_gap.csv").is_file()
+    assert PipelineConfig.from_yaml(run_dir / "config.yaml") == PipelineConfig.from_yaml(None, tiny(workdir))
+
+    # Only the fine-tuning setting changes: pretrain, dataset and offline are reused.
+    assert main(["run", *tiny(workdir, "finetune.offline_fraction=0.25", "finetune.sac_baseline=false")]) == 0
+    out = capsys.readouterr().out
+    second = json.loads((workdir / "runs" / out.strip().splitlines()[-1].rsplit("/", 1)[-1] / "summary.json").read_text())
+    assert set(second["stage_seconds"]) == {"finetune", "evaluate"}
+    assert "[offline] reusing" in out
+    assert second["offline_eval_return"] == summary["offline_eval_return"]
+
+
+def test_same_seed_reproduces_the_same_numbers(workdir):
+    first = Pipeline.from_yaml(None, tiny(workdir, "finetune.sac_baseline=false", cache="a")).run()
+    second = Pipeline.from_yaml(None, tiny(workdir, "finetune.sac_baseline=false", cache="b")).run()
+    assert first["final_eval_return"] == second["final_eval_return"]
+    assert first["offline_eval_return"] == second["offline_eval_return"]
