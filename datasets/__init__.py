@@ -10,12 +10,19 @@ from cqlsac.datasets.offline import (
     normalized_score,
 )
 from cqlsac.datasets.store import DatasetError, datasets_root, list_local_datasets, open_dataset
-from cqlsac.datasets.writer import Episode, check_writable, transitions_to_episodes, write_dataset
+from cqlsac.datasets.writer import (
+    Episode,
+    check_reference_scores,
+    check_writable,
+    transitions_to_episodes,
+    write_dataset,
+)
 
 __all__ = [
     "DatasetError",
     "DatasetInfo",
     "Episode",
+    "check_reference_scores",
     "check_spaces",
     "check_writable",
     "datasets_root",

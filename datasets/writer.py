@@ -127,31 +127,37 @@ def check_writable(dataset_id: str, overwrite: bool = False) -> Path:
     return final
 
 
+def check_reference_scores(ref_min_score: float | None, ref_max_score: float | None) -> None:
+    """Both or neither (Minari would estimate a missing ref_min_score with 100 random episodes), in order."""
+    if (ref_min_score is None) != (ref_max_score is None):
+        raise DatasetError("give both reference scores or neither")
+    if ref_min_score is not None and not ref_max_score > ref_min_score:
+        raise DatasetError(f"ref_max_score ({ref_max_score}) must exceed ref_min_score ({ref_min_score}), the random "
+                           "policy's return, for normalised scores to mean anything; pass a better expert or score")
+
+
 def write_dataset(dataset_id: str, episodes: Sequence[Episode], env: str | EnvSpec, *, algorithm_name: str,
                   description: str, ref_min_score: float | None = None, ref_max_score: float | None = None,
-                  num_episodes_average_score: int = 100, author: str = "cqlsac", extra_metadata: dict[str, Any] | None = None,
-                  overwrite: bool = False) -> Path:
+                  num_episodes_average_score: int = 100, author: str = "cqlsac",
+                  extra_metadata: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Write `episodes` as the Minari dataset `dataset_id`; returns its folder.
 
     `env` (an id or a spec with its kwargs) is stored as the dataset's env spec and gives the
     spaces. Reference scores go where Minari keeps them (`ref_min_score`/`ref_max_score`), both or
-    neither, with the number of episodes they were averaged over. `extra_metadata` is stored under the metadata key "cqlsac". Nothing appears under the
-    id unless the whole write succeeds; an existing id is replaced only with `overwrite=True`.
+    neither, with the number of episodes they were averaged over. `extra_metadata` is stored under
+    the metadata key "cqlsac". Nothing appears under the id unless the whole write succeeds; an
+    existing id is replaced only with `overwrite=True`.
     """
     final = check_writable(dataset_id, overwrite)
     if not episodes:
         raise DatasetError(f"no episodes to write for {dataset_id!r}; collect at least one step")
-    if (ref_min_score is None) != (ref_max_score is None):
-        raise DatasetError("give both reference scores or neither (Minari would estimate the missing "
-                           "ref_min_score with 100 random episodes)")
-    if ref_min_score is not None and not ref_max_score > ref_min_score:
-        raise DatasetError(f"ref_max_score ({ref_max_score}) must exceed ref_min_score ({ref_min_score}) for "
-                           "normalised scores to mean anything; pass an expert policy or score")
+    check_reference_scores(ref_min_score, ref_max_score)
     spec = gym.spec(env) if isinstance(env, str) else env
     probe = gym.make(spec)
     for name, space in (("observation", probe.observation_space), ("action", probe.action_space)):
         if not isinstance(space, gym.spaces.Box):
-            raise DatasetError(f"{spec.id} has a {type(space).__name__} {name} space; CQL-SAC datasets need Box spaces")
+            raise DatasetError(f"{spec.id} has a {type(space).__name__} {name} space; "
+                               "CQL-SAC datasets need Box spaces")
     buffers = [_episode_buffer(e, probe.observation_space, probe.action_space) for e in episodes]
     probe.close()
     tmp_root = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=datasets_root()))
