@@ -99,8 +99,9 @@ def _show(dataset_id: str) -> None:
     ]
     if extra:
         lines += [("preset", str(extra.get("preset"))), ("seed", str(extra.get("seed")))]
-        lines += [(f"source {i}", f"{s['policy']} (sha256 {s['sha256']}): {s['steps']} steps, "
-                                  f"mean return {s['mean_return']}") for i, s in enumerate(extra.get("sources", []))]
+        lines += [(f"source {i}", f"{s['policy']} (sha256 {s['sha256']}): {s['steps']} steps, mean return "
+                                  + ("-" if s["mean_return"] is None else f"{s['mean_return']:.3f}"))
+                  for i, s in enumerate(extra.get("sources", []))]
     width = max(len(key) for key, _ in lines)
     for key, value in lines:
         print(f"{key + ':':<{width + 1}} {value}")

@@ -112,6 +112,8 @@ def test_replay_buffer_samples_transitions_of_the_dataset(dataset_store):
     for row in batch.unbind(0):  # each sampled row is one dataset transition, all keys together
         index = int((transitions["observation"] == row["observation"]).all(-1).nonzero()[0, 0])
         assert (transitions[index] == row).all()
+    on_device, _ = load_offline_replay("pendulum/rb-v0", batch_size=5, device="meta")  # "meta" stands in for a GPU
+    assert on_device.sample()["observation"].device == torch.device("meta")
 
 
 def test_cache_is_reused_then_rebuilt_when_the_dataset_changes(dataset_store):
