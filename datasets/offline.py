@@ -155,7 +155,7 @@ def _build_cache(dataset: minari.MinariDataset, gamma: float, final: Path) -> No
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for stale in final.parent.iterdir():  # caches of older contents of this dataset
+    for stale in final.parent.iterdir():  # one cache per dataset: older contents or another gamma
         if stale != final and not stale.name.startswith("."):
             shutil.rmtree(stale, ignore_errors=True)
 

@@ -7,8 +7,9 @@ checkpoint), `medium-replay` (a training run's replay buffer, see `write_replay_
 Reference scores, for D4RL-style normalisation (0 = random, 100 = expert), are mean returns over
 `ref_episodes` episodes of `training.evaluate_policy` (deterministic action), as agents are evaluated:
 `ref_min_score` is the uniform random policy's; `ref_max_score` is the expert's (a checkpoint or a
-value the user gives; by default the second policy of `medium-expert`), otherwise the behaviour
-policy's own. A random-policy dataset without an expert gets no reference scores.
+value the user gives), otherwise that of the behaviour policy (the expert of `medium-expert`) when it
+beats random play. Without either (random data, a replay buffer, a policy no better than random)
+the dataset gets no reference scores.
 """
 
 from __future__ import annotations
@@ -135,18 +136,27 @@ def _as_expert(expert: str | Path | BehaviourPolicy | float | None) -> Behaviour
 
 
 def reference_scores(env_id: str, env_kwargs: dict, expert: BehaviourPolicy | float | None,
-                     behaviour: BehaviourPolicy | None, episodes: int,
+                     fallback: BehaviourPolicy | None, episodes: int,
                      seed: int) -> tuple[float | None, float | None, str]:
-    """(ref_min_score, ref_max_score, where ref_max_score came from); checked before any data is collected."""
+    """(ref_min_score, ref_max_score, where ref_max_score came from), before any data is collected.
+
+    An expert the user names must beat the random policy (else `DatasetError`); the `fallback`
+    (the data's best behaviour policy) is only a default, so when it does not, no scores are stored.
+    """
+    ref_min = mean_eval_return(env_id, env_kwargs, BehaviourPolicy.load(RANDOM), episodes, seed)
     if isinstance(expert, (int, float)):
         ref_max, origin = float(expert), "value given by the user"
+    elif expert is not None:
+        ref_max = mean_eval_return(env_id, env_kwargs, expert, episodes, seed)
+        origin = f"expert {expert.source} (sha256 {expert.sha256})"
+    elif fallback is not None and fallback.actor is not None:
+        ref_max = mean_eval_return(env_id, env_kwargs, fallback, episodes, seed)
+        if not ref_max > ref_min:
+            return None, None, (f"none (behaviour policy {fallback.source} returns {ref_max:.3f}, random "
+                                f"{ref_min:.3f}; give an expert)")
+        origin = f"behaviour policy {fallback.source} (sha256 {fallback.sha256})"
     else:
-        scorer = expert if expert is not None else behaviour if behaviour is not None and behaviour.actor else None
-        if scorer is None:
-            return None, None, "none (no expert policy or score given)"
-        ref_max = mean_eval_return(env_id, env_kwargs, scorer, episodes, seed)
-        origin = f"{'expert' if expert is not None else 'behaviour policy'} {scorer.source} (sha256 {scorer.sha256})"
-    ref_min = mean_eval_return(env_id, env_kwargs, BehaviourPolicy.load(RANDOM), episodes, seed)
+        return None, None, "none (no expert policy or score given)"
     check_reference_scores(ref_min, ref_max)
     return ref_min, ref_max, origin
 
@@ -195,8 +205,7 @@ def create_dataset(dataset_id: str, policies: Sequence[str | Path | BehaviourPol
                                    "together: `random` takes `--policy random`, the others take checkpoints")
     env_id, env_kwargs = _resolve_env(env_id, env_kwargs, policies)
     spec = _env_spec(env_id, env_kwargs)
-    expert = _as_expert(policies[1] if preset == "medium-expert" and expert is None else expert)
-    refs = reference_scores(env_id, env_kwargs, expert, policies[0], ref_episodes, seed)
+    refs = reference_scores(env_id, env_kwargs, _as_expert(expert), policies[-1], ref_episodes, seed)
     shares = [steps // len(policies) + (i < steps % len(policies)) for i in range(len(policies))]
     episodes, sources, complete = [], [], []
     for i, (policy, share) in enumerate(zip(policies, shares)):

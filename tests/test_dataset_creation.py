@@ -152,6 +152,16 @@ def test_medium_expert_takes_half_from_each_and_scores_the_expert(dataset_store,
     assert shas == [hashlib.sha256(p.read_bytes()).hexdigest() for p in (medium, expert)]
 
 
+def test_no_reference_scores_when_the_behaviour_policy_does_not_beat_random(dataset_store, checkpoints):
+    _, worse, (_, worse_actor) = checkpoints
+    create_dataset("pendulum/poor-v0", [worse], 10, preset="medium", seed=7, ref_episodes=1)
+    _, info = load_transitions("pendulum/poor-v0")
+    assert info.ref_min_score is None and info.ref_max_score is None
+    policy_return = gym_mean_return(worse_actor, PENDULUM, SHORT, 1, seed=7)
+    assert info.metadata["cqlsac"]["ref_max_score_from"].startswith(
+        f"none (behaviour policy {worse} returns {policy_return:.3f}, random -")
+
+
 def test_medium_replay_from_a_runs_transitions(dataset_store):
     replay = collect(PENDULUM, SHORT, None, 50, seed=9).exclude("collector")  # as a training run stores it
     write_replay_dataset("pendulum/medium-replay-v0", replay, PENDULUM, SHORT, expert=-50.0, seed=9,
