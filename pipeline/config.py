@@ -58,6 +58,9 @@ class DatasetConfig:
     steps: int = 10000
     # Return level of the `medium` policy: this fraction of the way from random to the best return.
     medium_level: float = 1 / 3
+    # Score the dataset against the best pretrain policy (D4RL normalisation); off for smoke runs
+    # whose pretraining is too short to beat random play.
+    reference_scores: bool = True
 
     def __post_init__(self):
         presets = ("random", "medium", "expert", "medium-replay", "medium-expert")

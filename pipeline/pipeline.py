@@ -207,9 +207,7 @@ def run_dataset(pipe: Pipeline, out: Path) -> dict:
     expert = max(checkpoints, key=lambda c: c["return"])
     level = pretrain["random_return"] + dcfg.medium_level * (expert["return"] - pretrain["random_return"])
     medium = min(checkpoints, key=lambda c: abs(c["return"] - level))
-    # Reference scores need an expert that beats random play; a short pretraining may not give one.
-    learned = expert["return"] > pretrain["random_return"]
-    common = dict(expert=expert["path"] if learned else None, seed=cfg.seed, overwrite=True)
+    common = dict(expert=expert["path"] if dcfg.reference_scores else None, seed=cfg.seed, overwrite=True)
     if dcfg.preset == "medium-replay":
         replay = TensorDict.load_memmap(pretrain["replay"])[: medium["frames"]]
         write_replay_dataset(dataset_id, replay, cfg.env.id, cfg.env.kwargs, **common)

@@ -1,4 +1,8 @@
 import pytest
+import torch
+
+# The tests' networks are tiny: one thread is faster and does not oversubscribe a shared machine.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

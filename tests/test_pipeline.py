@@ -15,9 +15,9 @@ from cqlsac.pipeline.training import EpisodeAccumulator
 
 TINY = [
     "network.actor_hidden=[32,32]", "network.critic_hidden=[32,32]",
-    "pretrain.frames=600", "pretrain.init_random_frames=200", "pretrain.frames_per_batch=100",
-    "pretrain.eval_every=300", "pretrain.eval_episodes=1", "pretrain.batch_size=64",
-    "dataset.steps=400", "dataset.preset=random",
+    "pretrain.frames=400", "pretrain.init_random_frames=200", "pretrain.frames_per_batch=100",
+    "pretrain.eval_every=200", "pretrain.eval_episodes=1", "pretrain.batch_size=64",
+    "dataset.steps=400", "dataset.preset=random", "dataset.reference_scores=false",
     "offline.updates=40", "offline.batch_size=64", "offline.log_every=10", "offline.loss.num_actions=4",
     "finetune.frames=400", "finetune.frames_per_batch=100", "finetune.eval_every=200",
     "finetune.eval_episodes=1", "finetune.batch_size=64", "evaluate.episodes=2",
@@ -25,9 +25,7 @@ TINY = [
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
-    monkeypatch.setenv("CQLSAC_CACHE", str(tmp_path / "cqlsac-cache"))
+def workdir(tmp_path, dataset_store):
     return tmp_path
 
 
