@@ -1,0 +1,500 @@
+"""Speed of one CQL-SAC update: this project's `update_step` against `torchrl.objectives.CQLLoss`.
+
+Run from the repository root:  python benchmarks/cql_update.py [--quick] [--compile] [--profile 20]
+
+Everything runs in one process on the same synthetic data (a `ReplayBuffer` over a
+`LazyTensorStorage` of ~100k transitions in TorchRL layout), so the ratio between the two
+implementations is meaningful even on a shared machine; absolute numbers are not. The two
+updates are timed in interleaved rounds so that a slow spell of the machine hits both.
+
+The last two lines are for scripts:
+    speedup_vs_torchrl_eager: X      (our updates/s / torchrl CQLLoss eager updates/s)
+    fraction_of_sgemm_limit: Y       (FLOPs per update * our updates/s / measured sgemm FLOP/s)
+
+FLOPs per update (counted from the shapes, matmuls only; element-wise work is ignored)
+--------------------------------------------------------------------------------------
+A dense layer `in -> out` applied to R rows costs 2 * R * in * out FLOPs forward (one
+multiply-add = 2 FLOPs). Its backward costs the same again for each gradient it must produce:
+the input gradient (dX = dY W^T) and the weight gradient (dW = X^T dY). Hence per layer:
+    x3  forward + backward, gradients to weights and inputs;
+    x2  forward + backward, only one of the two gradients (input-only: detached weights;
+        weight-only: the first layer, whose input is data);
+    x1  no-grad call (target critic, sampling under no_grad).
+Notation: B batch, o obs dim, a act dim, N actions per CQL set, E critics (2),
+actor sizes o -> h1 -> ... -> 2a, critic sizes (o + a) -> h1 -> ... -> 1.
+
+  actor, one call on cat(s, s') = 2B rows, gradient to the weights:
+      2 * 2B * [2 * o*h1 + 3 * (h1*h2 + ... + h_last*2a)]
+      (first layer x2: its input is data; the s'-half also gets a zero gradient, the backward
+      matmul still covers all 2B rows)
+  fused critic call, E members, at s for the data action and 3N sampled actions, gradient to the
+  weights only (all actions are detached); `EnsembleMLP` computes the observation part of the
+  first layer once per state (B rows) and the action part for B(3N+1) rows:
+      2 * E * [2 * B*o*h1 + 2 * B(3N+1)*a*h1 + 3 * B(3N+1) * (h1*h2 + ... + h_last*1)]
+  actor-loss critic call, B rows, detached weights, gradient to the action only:
+      2 * E * [1 * B*o*h1 + 2 * B*a*h1 + 2 * B * (h1*h2 + ... + h_last*1)]
+  target critic call, B rows, one next action (no max-Q backup), no grad:
+      2 * E * [B*(o+a)*h1 + B * (h1*h2 + ... + h_last*1)]
+In SAC mode (cql_weight = 0) the fused call shrinks to the data action, K = 1 instead of 3N+1.
+At the defaults (B 256, h 256, o 11, a 3, N 10, E 2) this is ~6.5 GFLOP per CQL update,
+dominated by the 256x256 critic layer on B(3N+1) = 7,936 rows per member, which is why the
+sgemm reference is (7936 x 256) @ (256 x 256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDict
+from tensordict.nn import NormalParamExtractor, TensorDictModule
+from torchrl.data import Bounded, LazyTensorStorage, ReplayBuffer, Unbounded
+from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
+from torchrl.objectives import CQLLoss, SoftUpdate
+
+from cqlsac.components.cql_loss import CQLSACLoss, LossConfig
+from cqlsac.components.networks import NetworkConfig, make_actor, make_critics
+from cqlsac.components.update import OptimConfig, make_optimizer, polyak_update, update_step
+
+GAMMA, TAU, CQL_WEIGHT = 0.99, 0.005, 5.0
+
+
+# --- set-up -----------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=256, help="width of the two hidden layers of actor and critics")
+    p.add_argument("--obs-dim", type=int, default=11)
+    p.add_argument("--act-dim", type=int, default=3)
+    p.add_argument("--num-actions", type=int, default=10, help="N, actions per CQL set (torchrl: num_random)")
+    p.add_argument("--seconds", type=float, default=10.0, help="time per updates/s measurement")
+    p.add_argument("--warmup", type=int, default=5, help="untimed updates before each measurement")
+    p.add_argument("--buffer-size", type=int, default=100_000)
+    p.add_argument("--compile", action="store_true", help="also measure torch.compile of our update_step")
+    p.add_argument("--profile", type=int, default=0, metavar="K",
+                   help="profile K of our updates with torch.profiler and print the top ops")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = the cores this process may use")
+    p.add_argument("--quick", action="store_true", help="~30 s run: short measurements, one collector batch")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seconds, args.warmup = min(args.seconds, 2.0), min(args.warmup, 2)
+    return args
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def make_sync(device: torch.device):
+    if device.type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def specs(args):
+    obs_spec = Unbounded(shape=(args.obs_dim,))
+    act_spec = Bounded(low=-torch.ones(args.act_dim), high=torch.ones(args.act_dim), shape=(args.act_dim,))
+    return obs_spec, act_spec
+
+
+def synthetic_buffer(args) -> ReplayBuffer:
+    """~100k random transitions in TorchRL layout, actions in [-1, 1], ~1% terminal steps."""
+    n, g = args.buffer_size, torch.Generator().manual_seed(0)
+    terminated = torch.rand(n, 1, generator=g) < 0.01
+    truncated = (torch.rand(n, 1, generator=g) < 0.005) & ~terminated
+    data = TensorDict({
+        "observation": torch.randn(n, args.obs_dim, generator=g),
+        "action": torch.rand(n, args.act_dim, generator=g) * 2 - 1,
+        "next": {
+            "observation": torch.randn(n, args.obs_dim, generator=g),
+            "reward": torch.randn(n, 1, generator=g),
+            "done": terminated | truncated,
+            "terminated": terminated,
+            "truncated": truncated,
+        },
+    }, batch_size=[n])
+    rb = ReplayBuffer(storage=LazyTensorStorage(n), batch_size=args.batch)
+    rb.extend(data)
+    return rb
+
+
+def make_ours(args, device, cql_weight=CQL_WEIGHT):
+    obs_spec, act_spec = specs(args)
+    net = NetworkConfig(actor_hidden=(args.hidden,) * 2, critic_hidden=(args.hidden,) * 2)
+    loss = CQLSACLoss(make_actor(obs_spec, act_spec, net), make_critics(obs_spec, act_spec, net),
+                      LossConfig(gamma=GAMMA, cql_weight=cql_weight, num_actions=args.num_actions)).to(device)
+    return loss, make_optimizer(loss, OptimConfig(tau=TAU))
+
+
+def make_torchrl(args, device):
+    """torchrl's CQLLoss as its sota-implementations/cql example builds it, with our sizes and options."""
+    obs_spec, act_spec = specs(args)
+    actor_net = torch.nn.Sequential(
+        MLP(in_features=args.obs_dim, out_features=2 * args.act_dim, num_cells=[args.hidden] * 2,
+            activation_class=torch.nn.ReLU),
+        NormalParamExtractor(scale_mapping="biased_softplus_1.0", scale_lb=1e-4),
+    )
+    actor = ProbabilisticActor(
+        TensorDictModule(actor_net, in_keys=["observation"], out_keys=["loc", "scale"]),
+        in_keys=["loc", "scale"], spec=act_spec, distribution_class=TanhNormal,
+        distribution_kwargs={"low": act_spec.space.low, "high": act_spec.space.high, "tanh_loc": False},
+    )
+    q_net = MLP(in_features=args.obs_dim + args.act_dim, out_features=1, num_cells=[args.hidden] * 2,
+                activation_class=torch.nn.ReLU)
+    qvalue = ValueOperator(q_net, in_keys=["observation", "action"], out_keys=["state_action_value"])
+    # Twin critics (CQLLoss always builds 2), MSE TD loss, soft backup, CQL weight w, N random actions.
+    loss = CQLLoss(actor.to(device), qvalue.to(device), loss_function="l2", temperature=1.0,
+                   min_q_weight=CQL_WEIGHT, max_q_backup=False, deterministic_backup=False,
+                   num_random=args.num_actions, with_lagrange=False)
+    loss.make_value_estimator(gamma=GAMMA)
+    updater = SoftUpdate(loss, tau=TAU)
+    optimizer = torch.optim.Adam([
+        {"params": list(loss.actor_network_params.flatten_keys().values()), "lr": 1e-4},
+        {"params": list(loss.qvalue_network_params.flatten_keys().values()), "lr": 3e-4},
+        {"params": [loss.log_alpha], "lr": 3e-4},
+    ])
+    return loss, optimizer, updater
+
+
+def torchrl_update(loss, optimizer, updater, batch):
+    """The update of torchrl's cql_offline.py after the BC phase: sum, backward, Adam, SoftUpdate."""
+    vals = loss(batch)
+    total = vals["loss_actor"] + vals["loss_qvalue"] + vals["loss_cql"] + vals["loss_alpha"]
+    total.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    updater.step()
+    return vals.detach()
+
+
+# --- measurements -----------------------------------------------------------------------------
+@dataclass
+class Rate:
+    iterations: int = 0
+    seconds: float = 0.0
+
+    @property
+    def per_s(self) -> float:
+        return self.iterations / self.seconds if self.seconds else float("nan")
+
+
+def run_for(fn, seconds, sync, rate: Rate, start=0) -> int:
+    """Call fn(0), fn(1), ... (k-th update) for about `seconds`; adds to rate; returns the next k."""
+    i = start
+    sync()
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    while True:
+        fn(i)
+        i += 1
+        sync()
+        now = time.perf_counter()
+        if now >= deadline:
+            break
+    rate.iterations += i - start
+    rate.seconds += now - t0
+    return i
+
+
+def interleaved_rates(fns: dict, seconds, warmup, sync, rounds=5, shares=None) -> dict[str, Rate]:
+    """Calls/s of each fn(k), measured in alternating rounds so that a slow spell of a shared
+    machine hits all of them alike; fn gets about seconds * shares[fn] / sum(shares) in all."""
+    shares = {name: (shares or {}).get(name, 1.0) for name in fns}
+    total_share = sum(shares.values())
+    for fn in fns.values():
+        for k in range(warmup):
+            fn(k)
+    rates = {name: Rate() for name in fns}
+    index = {name: 0 for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            budget = seconds * shares[name] / total_share / rounds
+            index[name] = run_for(fn, budget, sync, rates[name], index[name])
+    return rates
+
+
+def time_split(loss, optimizer, rb, device, seconds, warmup, sync) -> dict[str, float]:
+    """Mean ms per update of: replay sampling, forward (losses), backward, optimizer step + Polyak.
+
+    The same operations as `update_step`, cut at the phase boundaries with a synchronised timer.
+    """
+    phases = ["sample", "forward", "backward", "step+polyak"]
+    totals = dict.fromkeys(phases, 0.0)
+    n, t_start = 0, time.perf_counter()
+    while n < warmup or time.perf_counter() - t_start < seconds:
+        sync()
+        t0 = time.perf_counter()
+        batch = rb.sample().to(device)
+        sync()
+        t1 = time.perf_counter()
+        losses = loss(batch)
+        total = sum(value for key, value in losses.items() if key.startswith("loss_"))
+        sync()
+        t2 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        sync()
+        t3 = time.perf_counter()
+        optimizer.step()
+        polyak_update(loss.target_critic, loss.critic, TAU)
+        loss.update_count += 1
+        sync()
+        t4 = time.perf_counter()
+        n += 1
+        if n > warmup:
+            for phase, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                totals[phase] += dt
+    measured = n - warmup
+    return {phase: 1e3 * t / measured for phase, t in totals.items()}
+
+
+def sampling_rate(rb, seconds) -> float:
+    """Batches per second drawn from the replay buffer (sampling + gathering, no transfer)."""
+    for _ in range(10):
+        rb.sample()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        rb.sample()
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def matmul_fn(shape_a, shape_b, device):
+    """(fn(k) doing one float32 torch.matmul of these shapes, its FLOPs = 2*m*k*n per product)."""
+    a = torch.randn(*shape_a, device=device)
+    b = torch.randn(*shape_b, device=device)
+    out = torch.matmul(a, b)
+    return (lambda k: torch.matmul(a, b, out=out)), 2 * out.numel() * a.shape[-1]
+
+
+def sgemm_gflops(shape_a, shape_b, device, seconds, sync) -> float:
+    """GFLOP/s of torch.matmul for float32 operands of these shapes."""
+    fn, flops = matmul_fn(shape_a, shape_b, device)
+    rate = interleaved_rates({"mm": fn}, seconds, 5, sync, rounds=1)["mm"]
+    return flops * rate.per_s / 1e9
+
+
+def layer_sizes(first_in, hidden, last_out):
+    sizes = [first_in, *hidden, last_out]
+    return list(zip(sizes[:-1], sizes[1:]))
+
+
+def flops_per_update(batch, obs, act, hidden, num_actions, num_critics=2, cql=True) -> dict[str, float]:
+    """FLOPs of the matmuls of one update of CQLSACLoss + backward (formula in the module docstring)."""
+    h = list(hidden)
+    actor_rest = sum(i * o for i, o in layer_sizes(obs, h, 2 * act)[1:])
+    critic_rest = sum(i * o for i, o in layer_sizes(obs + act, h, 1)[1:])
+    k = 3 * num_actions + 1 if cql else 1
+    rows = batch * k
+    e = num_critics
+    return {
+        "actor (2B rows, grad to weights)": 2 * (2 * batch) * (2 * obs * h[0] + 3 * actor_rest),
+        f"fused critic ({k} actions/state)": 2 * e * (2 * batch * obs * h[0] + 2 * rows * act * h[0]
+                                                      + 3 * rows * critic_rest),
+        "actor-loss critic (grad to action)": 2 * e * (batch * obs * h[0] + 2 * batch * act * h[0]
+                                                       + 2 * batch * critic_rest),
+        "target critic (no grad)": 2 * e * (batch * (obs + act) * h[0] + batch * critic_rest),
+    }
+
+
+def collector_fps(policy, frames_per_batch, batches) -> float:
+    """Frames/s of a torchrl Collector over Pendulum-v1 (first batch, with env start-up, untimed)."""
+    from torchrl.collectors import Collector
+
+    from cqlsac.components.envs import make_env
+
+    collector = Collector(lambda: make_env("Pendulum-v1", seed=0), policy, frames_per_batch=frames_per_batch,
+                          total_frames=frames_per_batch * (batches + 1), auto_register_policy_transforms=False)
+    frames, t0 = 0, None
+    for i, data in enumerate(collector):
+        if i == 0:
+            t0 = time.perf_counter()
+            continue
+        frames += data.numel()
+    elapsed = time.perf_counter() - t0
+    collector.shutdown()
+    return frames / elapsed
+
+
+def pendulum_actor(hidden):
+    from cqlsac.components.envs import make_env
+
+    env = make_env("Pendulum-v1")
+    net = NetworkConfig(actor_hidden=(hidden,) * 2, critic_hidden=(hidden,) * 2)
+    actor = make_actor(env.observation_spec["observation"], env.action_spec, net)
+    env.close()
+    return actor
+
+
+def profile_ours(loss, optimizer, pool, updates, warmup, rows=20):
+    from torch.profiler import ProfilerActivity, profile
+
+    for k in range(warmup):
+        update_step(loss, optimizer, pool[k % len(pool)], TAU)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for k in range(updates):
+            update_step(loss, optimizer, pool[k % len(pool)], TAU)
+    print(f"\n# torch.profiler, {updates} updates of our update_step, top ops by self CPU time")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    print("# the same, by input shape")
+    print(prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=28, max_shapes_column_width=64))
+
+
+# --- the run -----------------------------------------------------------------------------
+def measure_updates(args, device, sync, rb) -> dict:
+    """Items 1-3 and the sgemm reference, interleaved; then SAC mode and the time split."""
+    pool = [rb.sample().to(device) for _ in range(32)]  # the same batches for every update measurement
+    torchrl_pool = [b.clone() for b in pool]  # CQLLoss writes into its input; keep ours clean
+    ours, ours_opt = make_ours(args, device)
+    trl, trl_opt, trl_updater = make_torchrl(args, device)
+    fns = {
+        "ours": lambda k: update_step(ours, ours_opt, pool[k % len(pool)], TAU),
+        "torchrl": lambda k: torchrl_update(trl, trl_opt, trl_updater, torchrl_pool[k % len(pool)]),
+    }
+    res = {"compile_seconds": None}
+    if args.compile:
+        fns["compiled"], res["compile_seconds"] = compiled_update(args, device, pool, sync)
+    # The sgemm reference runs in the same rounds, so that the fraction compares like with like.
+    rows = args.batch * (3 * args.num_actions + 1)
+    fns["sgemm"], mm_flops = matmul_fn((rows, args.hidden), (args.hidden, args.hidden), device)
+    rates = interleaved_rates(fns, (len(fns) - 0.75) * args.seconds, args.warmup, sync, shares={"sgemm": 0.25})
+    res.update({name: rate.per_s for name, rate in rates.items()})
+    res["sgemm"] = mm_flops * rates["sgemm"].per_s / 1e9  # GFLOP/s
+    del trl, trl_opt, trl_updater, torchrl_pool
+
+    sac, sac_opt = make_ours(args, device, cql_weight=0.0)
+    res["sac"] = interleaved_rates({"sac": lambda k: update_step(sac, sac_opt, pool[k % len(pool)], TAU)},
+                                   args.seconds, args.warmup, sync, rounds=1)["sac"].per_s
+    res["split"] = time_split(ours, ours_opt, rb, device, args.seconds, args.warmup, sync)
+    res["profile_target"] = (ours, ours_opt, pool)
+    return res
+
+
+def measure_rest(args, device, sync, rb) -> dict:
+    """Replay sampling, the other matmul shapes of the update, collector frames/s."""
+    rows = args.batch * (3 * args.num_actions + 1)
+    gemm_s = min(args.seconds / 4, 2.0)
+    n_batches = 1 if args.quick else 3
+    return {
+        "batches_per_s": sampling_rate(rb, min(args.seconds, 3.0)),
+        "gemm": {
+            f"bmm 2x({rows}x{args.hidden})@({args.hidden}x{args.hidden})":
+                sgemm_gflops((2, rows, args.hidden), (2, args.hidden, args.hidden), device, gemm_s, sync),
+            f"mm ({args.hidden}x{rows})@({rows}x{args.hidden}) (weight grad)":
+                sgemm_gflops((args.hidden, rows), (rows, args.hidden), device, gemm_s, sync),
+        },
+        "fps_random": collector_fps(None, 1000, n_batches),
+        "fps_actor": collector_fps(pendulum_actor(args.hidden), 1000, n_batches),
+    }
+
+
+def load_note(cores) -> str:
+    """The 1-minute load average: other processes on a shared machine slow every measurement."""
+    load = os.getloadavg()[0]
+    busy = "  WARNING: other processes compete for the cores, absolute numbers are low" if load > cores + 0.5 else ""
+    return f"load average {load:.2f} on {cores} cores{busy}"
+
+
+def row(name, value, unit=""):
+    print(f"| {name:<58} | {value:>10} | {unit:<18} |")
+
+
+def print_table(args, res, flops, sac_flops):
+    ours, sgemm, flops_total = res["ours"], res["sgemm"] * 1e9, sum(flops.values())
+    rows = args.batch * (3 * args.num_actions + 1)
+    print()
+    print(f"| {'measurement':<58} | {'value':>10} | {'unit':<18} |")
+    print(f"|{'-' * 60}|{'-' * 12}|{'-' * 20}|")
+    row("1. ours: update_step (CQL, losses+backward+Adam+Polyak)", f"{ours:.2f}", "updates/s")
+    row("2. torchrl CQLLoss eager (+Adam+SoftUpdate)", f"{res['torchrl']:.2f}", "updates/s")
+    row("3. ratio ours / torchrl eager", f"{ours / res['torchrl']:.2f}", "x")
+    if res["compile_seconds"] is not None:
+        row("   ours, torch.compile(update_step)", f"{res['compiled']:.2f}", "updates/s")
+        row("   ours compiled / ours eager", f"{res['compiled'] / ours:.2f}", "x")
+        row("   compile time (first call)", f"{res['compile_seconds']:.0f}", "s")
+    split_total = sum(res["split"].values())
+    for phase, ms in res["split"].items():
+        row(f"4. time split: {phase}", f"{ms:.2f}", f"ms ({100 * ms / split_total:.0f}%)")
+    row("   time split: sum (incl. sampling)", f"{split_total:.2f}", f"ms ({1e3 / split_total:.2f}/s)")
+    for part, f in flops.items():
+        row(f"5. FLOPs: {part}", f"{f / 1e9:.3f}", "GFLOP")
+    row("   FLOPs per CQL update", f"{flops_total / 1e9:.3f}", "GFLOP")
+    row(f"   sgemm ({rows}x{args.hidden})@({args.hidden}x{args.hidden}), timed with 1-2", f"{res['sgemm']:.1f}", "GFLOP/s")
+    for name, g in res["gemm"].items():
+        row(f"   {name}", f"{g:.1f}", "GFLOP/s")
+    row("   arithmetic limit (FLOPs / sgemm)", f"{sgemm / flops_total:.2f}", "updates/s")
+    row("   achieved: FLOPs x updates/s", f"{flops_total * ours / 1e9:.1f}", "GFLOP/s")
+    row("   fraction of sgemm limit", f"{flops_total * ours / sgemm:.3f}", "")
+    row("6. ours, SAC mode (cql_weight=0)", f"{res['sac']:.2f}", "updates/s")
+    row("   SAC mode fraction of sgemm limit", f"{sac_flops * res['sac'] / sgemm:.3f}",
+        f"({sac_flops / 1e9:.2f} GFLOP/update)")
+    row(f"   replay sampling (batch {args.batch})", f"{res['batches_per_s']:.0f}", "batches/s")
+    row("   replay sampling", f"{res['batches_per_s'] * args.batch / 1e3:.0f}", "k transitions/s")
+    row("   collector Pendulum-v1, frames_per_batch 1000, random", f"{res['fps_random']:.0f}", "frames/s")
+    row("   collector Pendulum-v1, frames_per_batch 1000, actor", f"{res['fps_actor']:.0f}", "frames/s")
+    row("7. peak resident memory (ru_maxrss)", f"{res['peak_mib']:.0f}", "MiB")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    sync = make_sync(device)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(args.threads or cores)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__} | threads {torch.get_num_threads()} of {cores} cores | CPU {cpu_model()} | "
+          f"device {device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
+    print(f"batch {args.batch}, hidden {args.hidden}x2, obs {args.obs_dim}, act {args.act_dim}, "
+          f"N {args.num_actions}, {args.seconds:g} s per measurement, warmup {args.warmup}"
+          + (" (quick)" if args.quick else ""))
+    print(load_note(cores))
+    t_run = time.perf_counter()
+
+    rb = synthetic_buffer(args)
+    res = measure_updates(args, device, sync, rb)
+    res.update(measure_rest(args, device, sync, rb))
+    res["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    hidden = (args.hidden,) * 2
+    flops = flops_per_update(args.batch, args.obs_dim, args.act_dim, hidden, args.num_actions)
+    sac_flops = sum(flops_per_update(args.batch, args.obs_dim, args.act_dim, hidden, args.num_actions,
+                                     cql=False).values())
+    print_table(args, res, flops, sac_flops)
+    print(f"(total run time {time.perf_counter() - t_run:.0f} s; {load_note(cores)})")
+
+    if args.profile:
+        profile_ours(*res["profile_target"], args.profile, args.warmup)
+
+    print(f"speedup_vs_torchrl_eager: {res['ours'] / res['torchrl']:.3f}")
+    print(f"fraction_of_sgemm_limit: {sum(flops.values()) * res['ours'] / (res['sgemm'] * 1e9):.3f}")
+
+
+def compiled_update(args, device, pool, sync):
+    """torch.compile(update_step) on a fresh loss: (update function of k, seconds of the first call).
+
+    Dynamo breaks the graph at the `update_count < bc_steps` test, at `zero_grad` and at
+    `backward` (compiled autograd is off), so this compiles the forward pieces and the optimizer step.
+    """
+    loss, optimizer = make_ours(args, device)
+    step = torch.compile(update_step)
+    t0 = time.perf_counter()
+    step(loss, optimizer, pool[0], TAU)
+    sync()
+    return (lambda k: step(loss, optimizer, pool[k % len(pool)], TAU)), time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    main()
