@@ -1,11 +1,20 @@
 """Speed of one CQL-SAC update: this project's `update_step` against `torchrl.objectives.CQLLoss`.
 
-Run from the repository root:  python benchmarks/cql_update.py [--quick] [--compile] [--profile 20]
+Run from the repository root:
+    python benchmarks/cql_update.py [--quick] [--compile] [--profile 20] [--threads 1] [--omp-passive]
 
 Everything runs in one process on the same synthetic data (a `ReplayBuffer` over a
-`LazyTensorStorage` of ~100k transitions in TorchRL layout), so the ratio between the two
-implementations is meaningful even on a shared machine; absolute numbers are not. The two
-updates are timed in interleaved rounds so that a slow spell of the machine hits both.
+`LazyTensorStorage` of ~100k transitions in TorchRL layout). Our update, torchrl's and the sgemm
+reference are timed in interleaved rounds, so that a slow spell of a shared machine hits all of
+them alike. torchrl's `CQLLoss` is built as its sota-implementations/cql example builds it
+(TanhNormal `ProbabilisticActor`, `ValueOperator` MLP on cat(obs, action), twin critics by vmap)
+and configured like ours: N random actions, MSE TD loss, soft backup, CQL weight 5, no Lagrange,
+gamma 0.99, `SoftUpdate(tau=0.005)`, Adam on actor / critics / alpha, one backward of the sum.
+
+Caveat for shared machines: with torch's default OpenMP spinning, every parallel region waits
+for a thread that another process may hold, and a 2-thread update can slow down several-fold
+(it hits the implementation with more kernels harder, so it also moves the ratio). The header
+prints the load average; compare runs with `--threads 1` or `--omp-passive` when it is high.
 
 The last two lines are for scripts:
     speedup_vs_torchrl_eager: X      (our updates/s / torchrl CQLLoss eager updates/s)
@@ -36,30 +45,36 @@ actor sizes o -> h1 -> ... -> 2a, critic sizes (o + a) -> h1 -> ... -> 1.
   target critic call, B rows, one next action (no max-Q backup), no grad:
       2 * E * [B*(o+a)*h1 + B * (h1*h2 + ... + h_last*1)]
 In SAC mode (cql_weight = 0) the fused call shrinks to the data action, K = 1 instead of 3N+1.
-At the defaults (B 256, h 256, o 11, a 3, N 10, E 2) this is ~6.5 GFLOP per CQL update,
+At the defaults (B 256, h 256, o 11, a 3, N 10, E 2) this is 6.74 GFLOP per CQL update,
 dominated by the 256x256 critic layer on B(3N+1) = 7,936 rows per member, which is why the
 sgemm reference is (7936 x 256) @ (256 x 256).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
-import resource
-import time
-from dataclasses import dataclass
+import sys
 
-import torch
-from tensordict import TensorDict
-from tensordict.nn import NormalParamExtractor, TensorDictModule
-from torchrl.data import Bounded, LazyTensorStorage, ReplayBuffer, Unbounded
-from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
-from torchrl.objectives import CQLLoss, SoftUpdate
+if "--omp-passive" in sys.argv[1:]:
+    # Read by the OpenMP runtime when torch loads it, so it must be set before `import torch`.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from cqlsac.components.cql_loss import CQLSACLoss, LossConfig
-from cqlsac.components.networks import NetworkConfig, make_actor, make_critics
-from cqlsac.components.update import OptimConfig, make_optimizer, polyak_update, update_step
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import torch  # noqa: E402
+from tensordict import TensorDict  # noqa: E402
+from tensordict.nn import NormalParamExtractor, TensorDictModule  # noqa: E402
+from torchrl.data import Bounded, LazyTensorStorage, ReplayBuffer, Unbounded  # noqa: E402
+from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator  # noqa: E402
+from torchrl.objectives import CQLLoss, SoftUpdate  # noqa: E402
+
+from cqlsac.components.cql_loss import CQLSACLoss, LossConfig  # noqa: E402
+from cqlsac.components.networks import NetworkConfig, make_actor, make_critics  # noqa: E402
+from cqlsac.components.update import OptimConfig, make_optimizer, polyak_update, update_step  # noqa: E402
 
 GAMMA, TAU, CQL_WEIGHT = 0.99, 0.005, 5.0
 
@@ -80,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="profile K of our updates with torch.profiler and print the top ops")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = the cores this process may use")
+    p.add_argument("--omp-passive", action="store_true",
+                   help="set OMP_WAIT_POLICY=PASSIVE (unless set): OpenMP threads sleep instead of spinning "
+                        "at barriers, which keeps multi-threaded numbers sane when other processes share the cores")
     p.add_argument("--quick", action="store_true", help="~30 s run: short measurements, one collector batch")
     args = p.parse_args(argv)
     if args.quick:
@@ -150,7 +168,8 @@ def make_torchrl(args, device):
     actor = ProbabilisticActor(
         TensorDictModule(actor_net, in_keys=["observation"], out_keys=["loc", "scale"]),
         in_keys=["loc", "scale"], spec=act_spec, distribution_class=TanhNormal,
-        distribution_kwargs={"low": act_spec.space.low, "high": act_spec.space.high, "tanh_loc": False},
+        distribution_kwargs={"low": act_spec.space.low.to(device), "high": act_spec.space.high.to(device),
+                             "tanh_loc": False},
     )
     q_net = MLP(in_features=args.obs_dim + args.act_dim, out_features=1, num_cells=[args.hidden] * 2,
                 activation_class=torch.nn.ReLU)
@@ -159,7 +178,7 @@ def make_torchrl(args, device):
     loss = CQLLoss(actor.to(device), qvalue.to(device), loss_function="l2", temperature=1.0,
                    min_q_weight=CQL_WEIGHT, max_q_backup=False, deterministic_backup=False,
                    num_random=args.num_actions, with_lagrange=False)
-    loss.make_value_estimator(gamma=GAMMA)
+    loss.make_value_estimator(gamma=GAMMA, device=device)
     updater = SoftUpdate(loss, tau=TAU)
     optimizer = torch.optim.Adam([
         {"params": list(loss.actor_network_params.flatten_keys().values()), "lr": 1e-4},
@@ -461,7 +480,7 @@ def main(argv=None):
     print(f"batch {args.batch}, hidden {args.hidden}x2, obs {args.obs_dim}, act {args.act_dim}, "
           f"N {args.num_actions}, {args.seconds:g} s per measurement, warmup {args.warmup}"
           + (" (quick)" if args.quick else ""))
-    print(load_note(cores))
+    print(f"{load_note(cores)} | OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     t_run = time.perf_counter()
 
     rb = synthetic_buffer(args)
