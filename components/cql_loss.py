@@ -155,8 +155,7 @@ class CQLSACLoss(LossModule):
         self.value_type = value_type
         gamma = hyperparams.pop("gamma", self.cfg.gamma)
         self._value_estimator = TD0Estimator(gamma=gamma, value_network=None, **hyperparams)
-        self._value_estimator.set_keys(reward=self.tensor_keys.reward, done=self.tensor_keys.done,
-                                       terminated=self.tensor_keys.terminated)
+        self._forward_value_estimator_keys()
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:
         if self._value_estimator is not None:
@@ -221,7 +220,8 @@ class CQLSACLoss(LossModule):
         detached_w = [w.detach() for w in self.critic.weights]
         detached_b = [b.detach() for b in self.critic.biases]
         q_pi = self.critic.evaluate(obs, action_pi.unsqueeze(1), detached_w, detached_b).squeeze(1)
-        if self.update_count < cfg.bc_steps:
+        # Python check first: no tensor comparison (a device sync on CUDA) when BC is off.
+        if cfg.bc_steps and self.update_count < cfg.bc_steps:
             policy_objective = self.log_prob_of(loc_s, scale_s, data_action)
         else:
             policy_objective = q_pi.min(-1).values
