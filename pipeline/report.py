@@ -22,6 +22,26 @@ def read_scalar(run_dir: Path, name: str) -> tuple[list[float], list[float]]:
     return [s for s, _ in rows], [v for _, v in rows]
 
 
+def steps_to_reach(evals: list, level: float) -> int | None:
+    """Online steps of the first evaluation whose return is at least `level` (None: never reached)."""
+    return next((frames for frames, mean_return in evals if mean_return >= level), None)
+
+
+def finetune_comparison(finetune: dict) -> dict:
+    """The seed's headline claim, from the evaluation curves: how soon fine-tuning reaches SAC's final return.
+
+    `finetune_step_fraction` = online steps the offline-to-online agent needed to reach the final
+    return of SAC from scratch, over SAC's whole budget; at most 0.5 means "in half the steps".
+    """
+    evals, baseline = finetune.get("evals"), finetune.get("sac_baseline_evals")
+    if not evals or not baseline:
+        return {}
+    sac_final = baseline[-1][1]
+    steps = steps_to_reach(evals, sac_final)
+    return {"sac_final_return": sac_final, "sac_frames": baseline[-1][0], "finetune_steps_to_sac_final": steps,
+            "finetune_step_fraction": None if steps is None else steps / baseline[-1][0]}
+
+
 def plot_curves(pipe, path: Path) -> None:
     """Return against environment steps (fine-tuning vs SAC from scratch), Q and CQL gap over updates."""
     fig, (ax_return, ax_q) = plt.subplots(1, 2, figsize=(11, 4))
@@ -31,13 +51,14 @@ def plot_curves(pipe, path: Path) -> None:
         if evals:
             ax_return.plot(*zip(*evals), marker="o", label=label)
     ax_return.set(xlabel="online environment steps", ylabel="mean evaluation return", title="Fine-tuning")
-    ax_return.legend()
     for name in ("offline/q_data", "offline/cql_gap"):
         steps, values = read_scalar(pipe.run_dir, name)
         if steps:
             ax_q.plot(steps, values, label=name)
     ax_q.set(xlabel="offline updates", title="Offline Q-values and CQL gap")
-    ax_q.legend()
+    for ax in (ax_return, ax_q):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -56,6 +77,7 @@ def write(pipe) -> dict:
         "offline_eval_return": pipe.outputs.get("offline", {}).get("eval_return"),
         "dataset_id": pipe.outputs.get("offline", {}).get("dataset_id"),
         "dataset_mean_return": pipe.outputs.get("offline", {}).get("dataset_mean_return"),
+        **finetune_comparison(pipe.outputs.get("finetune", {})),
         "stage_seconds": pipe.stage_seconds,
         "stage_outputs": {name: str(pipe.stage_dir(name)) for name in pipe.outputs},
     }

@@ -1,0 +1,25 @@
+"""The report's fine-tuning comparison: when the offline-to-online agent reaches SAC's final return."""
+
+from cqlsac.pipeline.report import finetune_comparison, steps_to_reach
+
+
+def test_steps_to_reach_first_evaluation_at_or_above_level():
+    evals = [(0, -900.0), (1000, -300.0), (2000, -150.0), (3000, -160.0)]
+    assert steps_to_reach(evals, -150.0) == 2000
+    assert steps_to_reach(evals, -300.5) == 1000
+    assert steps_to_reach(evals, -100.0) is None
+
+
+def test_finetune_comparison_fraction_of_the_sac_budget():
+    finetune = {"evals": [(0, -400.0), (1000, -200.0), (2000, -140.0), (4000, -130.0)],
+                "sac_baseline_evals": [(1000, -1200.0), (2000, -600.0), (4000, -180.0)]}
+    assert finetune_comparison(finetune) == {
+        "sac_final_return": -180.0, "sac_frames": 4000, "finetune_steps_to_sac_final": 2000,
+        "finetune_step_fraction": 0.5}
+
+
+def test_finetune_comparison_never_reached_and_no_baseline():
+    never = {"evals": [(0, -900.0), (1000, -800.0)], "sac_baseline_evals": [(1000, -700.0)]}
+    assert finetune_comparison(never)["finetune_steps_to_sac_final"] is None
+    assert finetune_comparison(never)["finetune_step_fraction"] is None
+    assert finetune_comparison({"evals": [(0, -900.0)]}) == {}
