@@ -23,3 +23,13 @@ def test_finetune_comparison_never_reached_and_no_baseline():
     assert finetune_comparison(never)["finetune_steps_to_sac_final"] is None
     assert finetune_comparison(never)["finetune_step_fraction"] is None
     assert finetune_comparison({"evals": [(0, -900.0)]}) == {}
+
+
+def test_finetune_comparison_near_level_between_random_and_sac_final():
+    # Random -1000, SAC final -100: the near level is -1000 + 0.95 * 900 = -145.
+    finetune = {"evals": [(0, -300.0), (1000, -140.0), (2000, -101.0)],
+                "sac_baseline_evals": [(2000, -500.0), (4000, -100.0)]}
+    out = finetune_comparison(finetune, random_return=-1000.0)
+    assert out["finetune_steps_to_sac_final"] is None and out["finetune_step_fraction"] is None
+    assert out["finetune_steps_to_sac_final_near"] == 1000
+    assert out["finetune_step_fraction_near"] == 0.25
