@@ -70,7 +70,7 @@ class DatasetConfig:
 
 @dataclass
 class OfflineConfig:
-    updates: int = 3000
+    updates: int = 6000
     batch_size: int = 256
     log_every: int = 100
     loss: LossConfig = field(default_factory=LossConfig)
