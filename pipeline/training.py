@@ -121,8 +121,8 @@ class Supervisor:
         """Stop at a non-finite loss or Q-value; warn once when the mean Q-value passes the bound."""
         values = {key: metrics[key] for key in WATCHED if key in metrics.keys()}
         if not torch.isfinite(torch.stack(list(values.values()))).all():
-            key = next(key for key, value in values.items() if not torch.isfinite(value))
-            self.diverged(f"{key} is {values[key].item()} at step {step}")
+            bad = [key for key, value in values.items() if not torch.isfinite(value)]
+            self.diverged(f"{', '.join(bad)} became NaN/Inf at step {step}")
         q = values["q_data"].item()
         if self.q_exceeded_at is None and abs(q) > self.q_bound:
             self.q_exceeded_at = step
