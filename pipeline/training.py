@@ -191,13 +191,31 @@ def train_online(loss: CQLSACLoss, optimizer, tau: float, new_collector: Callabl
     `can_update(frames)` gates the first updates (random warm-up frames).
     """
     restored = supervisor.restore()
-    frames = restored.get("step", 0)
+    frames, last_eval = restored.get("step", 0), restored.get("last_eval", 0)
     next_eval, owed_updates = restored.get("next_eval", eval_every), restored.get("owed_updates", 0.0)
 
     def progress() -> dict:
-        return {"next_eval": next_eval, "owed_updates": owed_updates}
+        return {"next_eval": next_eval, "owed_updates": owed_updates, "last_eval": last_eval}
+
+    def settle() -> None:
+        """The updates and the evaluation that the frames collected so far call for, then a checkpoint if due."""
+        nonlocal owed_updates, next_eval, last_eval
+        metrics = None
+        while owed_updates >= 1:
+            metrics = update_step(loss, optimizer, sample(frames / total_frames), tau)
+            owed_updates -= 1
+            supervisor.check(metrics, frames)
+            if _stop_signal is not None:
+                supervisor.tick(frames, progress)
+        if metrics is not None:
+            log(desc, metrics, frames)
+        if frames > last_eval and (frames >= next_eval or frames >= total_frames):
+            on_eval(frames, evaluate())
+            last_eval, next_eval = frames, next_eval + eval_every
+        supervisor.tick(frames, progress, final=frames >= total_frames)
 
     with tqdm(total=total_frames, initial=frames, desc=desc, mininterval=2.0) as bar:
+        settle()  # a resumed loop first finishes what its last batch still owed
         if frames >= total_frames:
             return
         collector = new_collector(frames)
@@ -207,19 +225,7 @@ def train_online(loss: CQLSACLoss, optimizer, tau: float, new_collector: Callabl
             add(data)
             if can_update(frames):
                 owed_updates += utd_ratio * data.numel()
-                metrics = None
-                while owed_updates >= 1:
-                    metrics = update_step(loss, optimizer, sample(frames / total_frames), tau)
-                    owed_updates -= 1
-                    supervisor.check(metrics, frames)
-                    if _stop_signal is not None:
-                        supervisor.tick(frames, progress)
-                if metrics is not None:
-                    log(desc, metrics, frames)
-            if frames >= next_eval or frames >= total_frames:
-                on_eval(frames, evaluate())
-                next_eval += eval_every
-            supervisor.tick(frames, progress, final=frames >= total_frames)
+            settle()
         collector.shutdown()
 
 

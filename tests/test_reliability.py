@@ -74,8 +74,8 @@ def reference(store):
     return store
 
 
-def signal_at(monkeypatch, signum, prefix, step):
-    """Send `signum` to this process when the loop `prefix` logs `step`, as a user or scheduler would."""
+def signal_at_log(monkeypatch, signum, prefix, step):
+    """Send `signum` to this process when the loop `prefix` logs `step` (after a batch's updates)."""
     log = Pipeline.log
 
     def log_then_signal(pipe, name, metrics, at):
@@ -86,13 +86,26 @@ def signal_at(monkeypatch, signum, prefix, step):
     monkeypatch.setattr(Pipeline, "log", log_then_signal)
 
 
+def after_update(monkeypatch, update, action):
+    """Call `action(loss)` right after the loss module's `update`-th update (counted across stages)."""
+    update_step = training.update_step
+
+    def update_then_act(loss, optimizer, batch, tau):
+        metrics = update_step(loss, optimizer, batch, tau)
+        if int(loss.update_count) == update:
+            action(loss)
+        return metrics
+
+    monkeypatch.setattr(training, "update_step", update_then_act)
+
+
 # ---- interruption and resume ----------------------------------------------------------------
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_a_checkpoint_and_the_resumed_offline_stage_is_bit_identical(
         reference, monkeypatch, capsys, signum, status):
     name = f"stopped-{signum}"
     handler = signal.getsignal(signum)
-    signal_at(monkeypatch, signum, "offline", 150)
+    after_update(monkeypatch, 150, lambda loss: os.kill(os.getpid(), signum))
     assert main(["run", *run_args(reference, name)]) == status
     err = capsys.readouterr().err
     run_dir = run_dir_of(reference, name)
@@ -112,30 +125,36 @@ def test_signal_saves_a_checkpoint_and_the_resumed_offline_stage_is_bit_identica
     assert not state.exists()  # removed once the stage finished
 
 
-def test_online_stage_carries_on_with_the_data_it_collected(reference, monkeypatch, capsys):
-    signal_at(monkeypatch, signal.SIGINT, "finetune", 200)
-    assert main(["run", *run_args(reference, "online")]) == 130
-    (state_path,) = (reference / "online" / "cache").glob("finetune-*/finetune.state.pt")
+@pytest.mark.parametrize("where", ["after a batch", "mid-batch"])
+def test_online_stage_carries_on_with_the_data_it_collected(reference, monkeypatch, capsys, where):
+    name = f"online-{where.replace(' ', '-')}"
+    if where == "after a batch":
+        signal_at_log(monkeypatch, signal.SIGINT, "finetune", 200)
+    else:  # the offline stage made 300 updates; the second batch's updates are 401-500
+        after_update(monkeypatch, 450, lambda loss: os.kill(os.getpid(), signal.SIGINT))
+    assert main(["run", *run_args(reference, name)]) == 130
+    (state_path,) = (reference / name / "cache").glob("finetune-*/finetune.state.pt")
     progress = torch.load(state_path, weights_only=True)["progress"]
     record = progress["record"]
     kept = sum(part["size"] for part in (record["rows"], record["pending"]) if part is not None)
     assert progress["step"] == 200 and kept == 200  # every collected frame: in the buffer or a pending episode
-    assert [frames for frames, _ in record["evals"]] == [0, 200]
+    assert progress["owed_updates"] == (0 if where == "after a batch" else 50)
+    assert [frames for frames, _ in record["evals"]] == ([0, 200] if where == "after a batch" else [0])
 
     monkeypatch.undo()
     capsys.readouterr()
-    assert main(["run", "--resume", str(run_dir_of(reference, "online"))]) == 0
+    assert main(["run", "--resume", str(run_dir_of(reference, name))]) == 0
     out = capsys.readouterr().out
     assert "[offline] reusing" in out and "[finetune] resuming from" in out and "at step 200" in out
-    finetune = stage_outputs(reference, "online", "finetune")
+    finetune = stage_outputs(reference, name, "finetune")
     assert [frames for frames, _ in finetune["evals"]] == [0, 200, 400]
-    assert finetune["evals"][:2] == [list(e) for e in record["evals"]]
-    assert stage_outputs(reference, "online", "evaluate")["policy"] == finetune["policy"]
+    assert finetune["evals"][:len(record["evals"])] == [list(e) for e in record["evals"]]
+    assert stage_outputs(reference, name, "evaluate")["policy"] == finetune["policy"]
 
 
 def test_sigkill_at_a_random_point_then_resume_matches_an_uninterrupted_run(reference):
     """Kill the CLI with SIGKILL somewhere in offline training or later; resume; compare with `reference`."""
-    delay = random.Random(6).uniform(0.5, 4.0)  # seconds after the run directory exists
+    delay = random.Random(7).uniform(0.3, 2.5)  # seconds after the run directory exists: offline or later
     env = dict(os.environ, OMP_NUM_THREADS="1")  # the reference ran on one thread too (conftest)
     log = reference / "killed.log"
     with log.open("w") as out:
@@ -161,15 +180,7 @@ def test_sigkill_at_a_random_point_then_resume_matches_an_uninterrupted_run(refe
 
 # ---- numerical faults -----------------------------------------------------------------------
 def test_nan_stops_the_stage_and_keeps_the_last_good_checkpoint(store, monkeypatch, capsys):
-    update_step = training.update_step
-
-    def poisoned_after_25(loss, optimizer, batch, tau):
-        metrics = update_step(loss, optimizer, batch, tau)
-        if int(loss.update_count) == 25:
-            next(loss.critic_network.parameters()).data.fill_(float("nan"))
-        return metrics
-
-    monkeypatch.setattr(training, "update_step", poisoned_after_25)
+    after_update(monkeypatch, 25, lambda loss: next(loss.critic_network.parameters()).data.fill_(float("nan")))
     assert main(["run", *run_args(store, "nan")]) == 3
     err = capsys.readouterr().err
     (state,) = (store / "nan" / "cache").glob("offline-*/offline.state.pt")
