@@ -119,11 +119,13 @@ class Pipeline:
             raise ConfigError(f"env.kwargs {self.cfg.env.kwargs} do not work with {self.cfg.env.id} "
                               f"({str(exc).splitlines()[0]}); fix or remove env.kwargs") from None
 
-    def supervisor(self, stage: str, part: str, out: Path, loss, optimizer, every: int,
-                   record: OnlineRecord | None = None) -> Supervisor:
-        """The supervisor of one training loop of `stage`, checkpointing to `out/<part>.state.pt`."""
-        return Supervisor(part, out / f"{part}{STATE_SUFFIX}", f"{self.stage_hash(stage)}/{part}", loss, optimizer,
-                          every, self.cfg.q_value_bound, self.resume, record)
+    def supervisor(self, stage: str, part: str, loss, optimizer, record: OnlineRecord | None = None) -> Supervisor:
+        """The supervisor of one training loop of `stage`, checkpointing to `<stage dir>/<part>.state.pt`."""
+        offline = stage == "offline"
+        every = self.cfg.checkpoints.offline_every if offline else self.cfg.checkpoints.online_every
+        return Supervisor(part, "update" if offline else "frame", self.stage_dir(stage) / f"{part}{STATE_SUFFIX}",
+                          f"{self.stage_hash(stage)}/{part}", loss, optimizer, every, self.cfg.q_value_bound,
+                          self.resume, record)
 
     def collectors(self, actor, frames_per_batch: int, total_frames: int, seed: int, init_random_frames: int = 0):
         """`frames_done -> Collector` for the rest of an online loop.
@@ -238,8 +240,7 @@ def run_pretrain(pipe: Pipeline, out: Path) -> dict:
     pcfg = cfg.pretrain
     buffer = make_online_buffer(pcfg.frames)
     checkpoints = []
-    supervisor = pipe.supervisor("pretrain", "pretrain", out, loss, optimizer, cfg.checkpoints.online_every,
-                                 OnlineRecord(buffer, checkpoints))
+    supervisor = pipe.supervisor("pretrain", "pretrain", loss, optimizer, OnlineRecord(buffer, checkpoints))
 
     def on_eval(frames, mean_return):
         path = out / f"policy_{frames:08d}.pt"
@@ -296,7 +297,7 @@ def run_offline(pipe: Pipeline, out: Path) -> dict:
     loss = pipe.new_agent(ocfg.loss)
     optimizer = make_optimizer(loss, ocfg.optim)
     keys = loss.in_keys
-    supervisor = pipe.supervisor("offline", "offline", out, loss, optimizer, pipe.cfg.checkpoints.offline_every)
+    supervisor = pipe.supervisor("offline", "offline", loss, optimizer)
     train_offline(loss, optimizer, ocfg.optim.tau, lambda: replay.sample().select(*keys), ocfg.updates,
                   pipe.log, ocfg.log_every, supervisor)
     mean_return = pipe.evaluate(loss.actor_network, pipe.cfg.evaluate.episodes, pipe.cfg.evaluate.seed)
@@ -336,7 +337,7 @@ def run_finetune(pipe: Pipeline, out: Path) -> dict:
 
     evals = [(0, pipe.outputs["offline"]["eval_return"])]
     record = OnlineRecord(online, evals, accumulator, skip_rows=0 if initial is None else initial.shape[0])
-    supervisor = pipe.supervisor("finetune", "finetune", out, loss, optimizer, cfg.checkpoints.online_every, record)
+    supervisor = pipe.supervisor("finetune", "finetune", loss, optimizer, record)
     new_collector = pipe.collectors(loss.actor_network, fcfg.frames_per_batch, fcfg.frames, cfg.seed + 1)
 
     def on_eval(frames, mean_return):
@@ -361,8 +362,7 @@ def run_sac_baseline(pipe: Pipeline, out: Path) -> list:
     optimizer = make_optimizer(loss, cfg.pretrain.optim)
     buffer = make_online_buffer(fcfg.frames)
     evals = []
-    supervisor = pipe.supervisor("finetune", "sac-baseline", out, loss, optimizer, cfg.checkpoints.online_every,
-                                 OnlineRecord(buffer, evals))
+    supervisor = pipe.supervisor("finetune", "sac-baseline", loss, optimizer, OnlineRecord(buffer, evals))
     warmup = min(cfg.pretrain.init_random_frames, fcfg.frames // 2)
     new_collector = pipe.collectors(loss.actor_network, fcfg.frames_per_batch, fcfg.frames, cfg.seed + 2, warmup)
     train_online(loss, optimizer, cfg.pretrain.optim.tau, new_collector,

@@ -11,7 +11,7 @@ import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NoReturn
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -90,14 +90,14 @@ def stop_if_requested(checkpoint: Path | None = None) -> None:
 class Supervisor:
     """Divergence checks, periodic checkpoints and stop signals for one training loop.
 
-    `step` counts updates (offline) or collected frames (online); a checkpoint is saved every
-    `every` steps, at the end, and when a stop signal arrives. `record` (an object with
+    `step` counts the loop's `unit`: updates (offline) or collected frames (online); a checkpoint
+    is saved every `every` steps, at the end, and when a stop signal arrives. `record` (an object with
     `state_dict`/`load_state_dict`) holds what the stage gathered besides the networks.
     """
 
-    def __init__(self, name: str, path: Path, fingerprint: str, loss: CQLSACLoss, optimizer, every: int,
+    def __init__(self, name: str, unit: str, path: Path, fingerprint: str, loss: CQLSACLoss, optimizer, every: int,
                  q_bound: float, resume: bool, record=None):
-        self.name, self.path, self.fingerprint = name, path, fingerprint
+        self.name, self.unit, self.path, self.fingerprint = name, unit, path, fingerprint
         self.loss, self.optimizer, self.record = loss, optimizer, record
         self.every, self.q_bound, self.resume = every, q_bound, resume
         self.next_save = every
@@ -114,7 +114,7 @@ class Supervisor:
             self.record.load_state_dict(record)
         self.saved_step = progress["step"]
         self.next_save = progress["step"] + self.every
-        print(f"[{self.name}] resuming from {self.path} at step {progress['step']}")
+        print(f"[{self.name}] resuming from {self.path} at {self.unit} {progress['step']}")
         return progress
 
     def check(self, metrics: TensorDictBase, step: int) -> None:
@@ -122,18 +122,18 @@ class Supervisor:
         values = {key: metrics[key] for key in WATCHED if key in metrics.keys()}
         if not torch.isfinite(torch.stack(list(values.values()))).all():
             bad = [key for key, value in values.items() if not torch.isfinite(value)]
-            self.diverged(f"{', '.join(bad)} became NaN/Inf at step {step}")
+            self.diverged(f"{', '.join(bad)} became NaN/Inf at {self.unit} {step}")
         q = values["q_data"].item()
         if self.q_exceeded_at is None and abs(q) > self.q_bound:
             self.q_exceeded_at = step
             warnings.warn(QValueWarning(
-                f"[{self.name}] mean Q-value {q:.4g} passed q_value_bound={self.q_bound:g} at step {step}: the "
+                f"[{self.name}] mean Q-value {q:.4g} passed q_value_bound={self.q_bound:g} at {self.unit} {step}: the "
                 "critics are probably diverging; lower the critic learning rate or raise the CQL weight"),
                 stacklevel=2)
 
-    def diverged(self, what: str):
+    def diverged(self, what: str) -> NoReturn:
         kept = ("no checkpoint was saved before it" if self.saved_step is None else
-                f"the last good checkpoint (step {self.saved_step}) is kept at {self.path}")
+                f"the last good checkpoint ({self.unit} {self.saved_step}) is kept at {self.path}")
         raise DivergenceError(f"[{self.name}] training diverged: {what}; {kept}; lower the learning rates "
                               "(e.g. offline.optim.critic_lr) or the CQL weight and run again")
 
@@ -145,7 +145,7 @@ class Supervisor:
 
     def save(self, step: int, progress: dict) -> None:
         if not all(torch.isfinite(p).all() for p in self.loss.parameters()):
-            self.diverged(f"non-finite weights at step {step}")
+            self.diverged(f"non-finite weights at {self.unit} {step}")
         if self.record is not None:
             progress["record"] = self.record.state_dict()
         save_training_state(self.path, self.fingerprint, self.loss, self.optimizer, {"step": step, **progress})

@@ -145,7 +145,7 @@ def test_online_stage_carries_on_with_the_data_it_collected(reference, monkeypat
     capsys.readouterr()
     assert main(["run", "--resume", str(run_dir_of(reference, name))]) == 0
     out = capsys.readouterr().out
-    assert "[offline] reusing" in out and "[finetune] resuming from" in out and "at step 200" in out
+    assert "[offline] reusing" in out and "[finetune] resuming from" in out and "at frame 200" in out
     finetune = stage_outputs(reference, name, "finetune")
     assert [frames for frames, _ in finetune["evals"]] == [0, 200, 400]
     assert finetune["evals"][:len(record["evals"])] == [list(e) for e in record["evals"]]
@@ -186,15 +186,15 @@ def test_nan_stops_the_stage_and_keeps_the_last_good_checkpoint(store, monkeypat
     (state,) = (store / "nan" / "cache").glob("offline-*/offline.state.pt")
     line = err.splitlines()[-1]  # after the progress bar
     assert line.startswith("cqlsac run: error: [offline] training diverged: ") and "Traceback" not in err
-    assert "loss_qvalue" in line and "became NaN/Inf at step 26" in line
-    assert f"the last good checkpoint (step 20) is kept at {state}" in line
+    assert "loss_qvalue" in line and "became NaN/Inf at update 26" in line
+    assert f"the last good checkpoint (update 20) is kept at {state}" in line
     saved = torch.load(state, weights_only=True)
     assert saved["progress"]["step"] == 20
     assert all(torch.isfinite(value).all() for value in saved["loss"].values() if value.is_floating_point())
 
 
 def test_q_values_above_the_bound_warn_once_with_the_step_where_they_began(tmp_path):
-    supervisor = training.Supervisor("offline", tmp_path / "s.pt", "f", None, None, every=10, q_bound=100.0,
+    supervisor = training.Supervisor("offline", "update", tmp_path / "s.pt", "f", None, None, every=10, q_bound=100.0,
                                      resume=False)
 
     def metrics(q):
@@ -205,8 +205,8 @@ def test_q_values_above_the_bound_warn_once_with_the_step_where_they_began(tmp_p
         for step, q in enumerate([5.0, -50.0, -150.0, 300.0, 20.0], start=1):
             supervisor.check(metrics(q), step)
     assert [type(w.message) for w in caught] == [training.QValueWarning]
-    assert "mean Q-value -150 passed q_value_bound=100 at step 3" in str(caught[0].message)
-    with pytest.raises(training.DivergenceError, match=r"q_data became NaN/Inf at step 6; no checkpoint was saved"):
+    assert "mean Q-value -150 passed q_value_bound=100 at update 3" in str(caught[0].message)
+    with pytest.raises(training.DivergenceError, match=r"q_data became NaN/Inf at update 6; no checkpoint was saved"):
         supervisor.check(metrics(float("inf")), 6)
 
 
