@@ -16,7 +16,7 @@ import torch
 from tensordict import TensorDict
 
 from cqlsac.components.update import make_optimizer
-from cqlsac.datasets import Episode, write_dataset
+from cqlsac.datasets import Episode, load_transitions, write_dataset
 from cqlsac.pipeline import training
 from cqlsac.pipeline.checkpoints import save_training_state
 from cqlsac.pipeline.cli import main
@@ -247,6 +247,13 @@ def test_bad_run_input_is_one_line_with_status_2(bad_inputs, capsys, args, messa
     err = capsys.readouterr().err
     assert err.startswith(f"cqlsac run: error: {message.replace('{root}', str(bad_inputs))}"), err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_damaged_dataset_cache_is_rebuilt_not_read_as_zeros(store):
+    observations = load_transitions(DATASET)[0]["observation"].clone()
+    (cache,) = (store / "dataset-cache" / "offline" / DATASET).iterdir()
+    os.truncate(cache / "observation.memmap", 10)  # as a full disk or a kill outside cqlsac could leave it
+    assert torch.equal(load_transitions(DATASET)[0]["observation"], observations)
 
 
 def interrupted_run(root, name):
