@@ -46,6 +46,14 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through a temp file and a rename, so a kill never leaves half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def read_checkpoint(path: str | os.PathLike, kind: str, fix: str) -> dict:
     """The dict saved at `path` as checkpoint `kind`; a missing, damaged or foreign file is a `CheckpointError`.
 

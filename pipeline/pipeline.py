@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -30,7 +29,7 @@ from cqlsac.components.replay import MixedReplay, make_online_buffer
 from cqlsac.components.update import make_optimizer
 from cqlsac.datasets.offline import check_spaces, load_offline_replay, normalized_score
 from cqlsac.pipeline import report
-from cqlsac.pipeline.checkpoints import load_agent, load_policy, save_agent, save_policy
+from cqlsac.pipeline.checkpoints import atomic_write_text, load_agent, load_policy, save_agent, save_policy
 from cqlsac.pipeline.config import STAGES, ConfigError, PipelineConfig, config_hash
 from cqlsac.pipeline.dataset_creation import create_dataset, write_replay_dataset
 from cqlsac.pipeline.training import (
@@ -56,9 +55,7 @@ class Stage:
 
 
 def atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def ensure_writable(folder: Path, key: str) -> None:
@@ -198,7 +195,7 @@ class Pipeline:
         self.check_env()
         ensure_writable(self.run_dir, "output_dir")
         ensure_writable(Path(self.cfg.cache_dir), "cache_dir")
-        self.cfg.to_yaml(self.run_dir / "config.yaml")
+        atomic_write_text(self.run_dir / "config.yaml", self.cfg.to_yaml())
         print(f"run directory: {self.run_dir}")
         for name in self.plan(stages):
             stop_if_requested()
