@@ -33,6 +33,7 @@ from cqlsac.pipeline.checkpoints import atomic_write_text, load_agent, load_poli
 from cqlsac.pipeline.config import STAGES, ConfigError, PipelineConfig, config_hash
 from cqlsac.pipeline.dataset_creation import create_dataset, write_replay_dataset
 from cqlsac.pipeline.training import (
+    STATE_SUFFIX,
     EpisodeAccumulator,
     OnlineRecord,
     Supervisor,
@@ -43,7 +44,6 @@ from cqlsac.pipeline.training import (
 )
 
 STAGE_SEED_OFFSET = {name: 1000 * i for i, name in enumerate(STAGES)}
-STATE_SUFFIX = ".state.pt"  # in-stage training states; removed once the stage has finished
 
 
 @dataclass(frozen=True)

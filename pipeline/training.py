@@ -23,10 +23,12 @@ from cqlsac.components.cql_loss import CQLSACLoss
 from cqlsac.components.envs import make_env
 from cqlsac.components.update import update_step
 from cqlsac.datasets.offline import discounted_returns
-from cqlsac.pipeline.checkpoints import load_training_state, save_training_state
+from cqlsac.pipeline.checkpoints import atomic_torch_save, load_training_state, read_checkpoint, save_training_state
 
 MetricsLog = Callable[[str, TensorDictBase, int], None]
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as shells report it
+ROWS = "cqlsac-replay-rows"
+STATE_SUFFIX = ".state.pt"  # training states and their replay chunks; the pipeline removes them once a stage is done
 WATCHED = ("loss_actor", "loss_qvalue", "loss_alpha", "loss_alpha_prime", "q_data", "td_target")
 
 
@@ -91,12 +93,12 @@ class Supervisor:
     """Divergence checks, periodic checkpoints and stop signals for one training loop.
 
     `step` counts the loop's `unit`: updates (offline) or collected frames (online); a checkpoint
-    is saved every `every` steps, at the end, and when a stop signal arrives. `record` (an object with
-    `state_dict`/`load_state_dict`) holds what the stage gathered besides the networks.
+    is saved every `every` steps, at the end, and when a stop signal arrives. `record` (an
+    `OnlineRecord`) holds what the stage gathered besides the networks.
     """
 
     def __init__(self, name: str, unit: str, path: Path, fingerprint: str, loss: CQLSACLoss, optimizer, every: int,
-                 q_bound: float, resume: bool, record=None):
+                 q_bound: float, resume: bool, record: OnlineRecord | None = None):
         self.name, self.unit, self.path, self.fingerprint = name, unit, path, fingerprint
         self.loss, self.optimizer, self.record = loss, optimizer, record
         self.every, self.q_bound, self.resume = every, q_bound, resume
@@ -111,7 +113,7 @@ class Supervisor:
         progress = load_training_state(self.path, self.fingerprint, self.loss, self.optimizer)
         record = progress.pop("record", None)
         if self.record is not None:
-            self.record.load_state_dict(record)
+            self.record.load_state_dict(record, self.path)
         self.saved_step = progress["step"]
         self.next_save = progress["step"] + self.every
         print(f"[{self.name}] resuming from {self.path} at {self.unit} {progress['step']}")
@@ -147,7 +149,7 @@ class Supervisor:
         if not all(torch.isfinite(p).all() for p in self.loss.parameters()):
             self.diverged(f"non-finite weights at {self.unit} {step}")
         if self.record is not None:
-            progress["record"] = self.record.state_dict()
+            progress["record"] = self.record.state_dict(self.path)
         save_training_state(self.path, self.fingerprint, self.loss, self.optimizer, {"step": step, **progress})
         self.saved_step = step
         self.next_save = step - step % self.every + self.every
@@ -262,9 +264,9 @@ class EpisodeAccumulator:
 
 
 
-def rows_state(rows: TensorDictBase | None) -> dict | None:
-    """Transitions as plain tensors, for a training state (`torch.load(weights_only=True)` reads them)."""
-    return None if rows is None or rows.shape[0] == 0 else {"size": rows.shape[0], "data": rows.to_dict()}
+def rows_state(rows: TensorDictBase) -> dict:
+    """Transitions as plain tensors, for a checkpoint (`torch.load(weights_only=True)` reads them)."""
+    return {"kind": ROWS, "size": rows.shape[0], "data": rows.to_dict()}
 
 
 def rows_from_state(state: dict) -> TensorDict:
@@ -274,22 +276,37 @@ def rows_from_state(state: dict) -> TensorDict:
 class OnlineRecord:
     """What an online stage gathered and a resume must not lose: replay rows, evaluations, unfinished episodes.
 
+    Replay rows are saved in chunks next to the training state, each checkpoint writing only the
+    rows added since the last one, so checkpoints of a long run do not rewrite its whole buffer.
     The first `skip_rows` rows of the buffer (the offline data of the "merged" mode) are rebuilt by
     the stage itself, so they are not saved.
     """
 
     def __init__(self, buffer, evals: list, accumulator: EpisodeAccumulator | None = None, skip_rows: int = 0):
         self.buffer, self.evals, self.accumulator, self.skip_rows = buffer, evals, accumulator, skip_rows
+        self.chunks: list[str] = []  # file names of the saved rows, in order
+        self.saved_rows = 0
 
-    def state_dict(self) -> dict:
-        rows = self.buffer[:][self.skip_rows:] if len(self.buffer) > self.skip_rows else None
+    def state_dict(self, state_path: Path) -> dict:
+        """Save the rows added since the last call as a chunk beside `state_path`; the rest as a dict."""
+        start, end = self.skip_rows + self.saved_rows, len(self.buffer)
+        if end > start:
+            # A chunk written by a run that was killed before its state file is simply overwritten.
+            name = f"{state_path.name.removesuffix(STATE_SUFFIX)}.rows-{self.saved_rows:010d}{STATE_SUFFIX}"
+            atomic_torch_save(rows_state(self.buffer[start:end]), state_path.with_name(name))
+            self.chunks.append(name)
+            self.saved_rows = end - self.skip_rows
         pending = self.accumulator.pending if self.accumulator is not None else []
-        return {"rows": rows_state(rows), "evals": list(self.evals),
+        return {"chunks": list(self.chunks), "evals": list(self.evals),
                 "pending": rows_state(torch.cat(pending)) if pending else None}
 
-    def load_state_dict(self, state: dict) -> None:
-        if state["rows"] is not None:
-            self.buffer.extend(rows_from_state(state["rows"]))
+    def load_state_dict(self, state: dict, state_path: Path) -> None:
+        for name in state["chunks"]:
+            rows = rows_from_state(read_checkpoint(state_path.with_name(name), ROWS,
+                                                   f"delete {state_path} to restart this stage from scratch"))
+            self.buffer.extend(rows)
+            self.saved_rows += rows.shape[0]
+        self.chunks = list(state["chunks"])
         self.evals[:] = state["evals"]
         if state["pending"] is not None:
             self.accumulator.pending = [rows_from_state(state["pending"])]

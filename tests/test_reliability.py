@@ -15,6 +15,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 
+from cqlsac.components.replay import make_online_buffer
 from cqlsac.components.update import make_optimizer
 from cqlsac.datasets import Episode, load_transitions, write_dataset
 from cqlsac.pipeline import training
@@ -136,7 +137,8 @@ def test_online_stage_carries_on_with_the_data_it_collected(reference, monkeypat
     (state_path,) = (reference / name / "cache").glob("finetune-*/finetune.state.pt")
     progress = torch.load(state_path, weights_only=True)["progress"]
     record = progress["record"]
-    kept = sum(part["size"] for part in (record["rows"], record["pending"]) if part is not None)
+    chunks = [torch.load(state_path.with_name(chunk), weights_only=True) for chunk in record["chunks"]]
+    kept = sum(part["size"] for part in [*chunks, record["pending"]] if part is not None)
     assert progress["step"] == 200 and kept == 200  # every collected frame: in the buffer or a pending episode
     assert progress["owed_updates"] == (0 if where == "after a batch" else 50)
     assert [frames for frames, _ in record["evals"]] == ([0, 200] if where == "after a batch" else [0])
@@ -150,6 +152,25 @@ def test_online_stage_carries_on_with_the_data_it_collected(reference, monkeypat
     assert [frames for frames, _ in finetune["evals"]] == [0, 200, 400]
     assert finetune["evals"][:len(record["evals"])] == [list(e) for e in record["evals"]]
     assert stage_outputs(reference, name, "evaluate")["policy"] == finetune["policy"]
+    assert not list(state_path.parent.glob("*.state.pt"))  # states and replay chunks go once the stage is done
+
+
+def test_online_record_saves_only_the_rows_added_since_the_last_checkpoint(tmp_path):
+    def rows(*values):
+        return TensorDict({"x": torch.tensor(values, dtype=torch.float32)}, [len(values)])
+
+    state_path = tmp_path / "finetune.state.pt"
+    buffer = make_online_buffer(10, initial=rows(0, 0))  # the "merged" mode's offline rows are not saved
+    record = training.OnlineRecord(buffer, evals=[(0, 1.0)], skip_rows=2)
+    buffer.extend(rows(1, 2, 3))
+    assert len(record.state_dict(state_path)["chunks"]) == 1
+    buffer.extend(rows(4, 5))
+    state = record.state_dict(state_path)
+    assert [torch.load(tmp_path / chunk, weights_only=True)["size"] for chunk in state["chunks"]] == [3, 2]
+
+    restored = make_online_buffer(10, initial=rows(0, 0))
+    training.OnlineRecord(restored, evals=[], skip_rows=2).load_state_dict(state, state_path)
+    assert restored[:]["x"].tolist() == [0, 0, 1, 2, 3, 4, 5]
 
 
 def test_sigkill_at_a_random_point_then_resume_matches_an_uninterrupted_run(reference):
