@@ -122,7 +122,7 @@ class Pipeline:
         every = self.cfg.checkpoints.offline_every if offline else self.cfg.checkpoints.online_every
         return Supervisor(part, "update" if offline else "frame", self.stage_dir(stage) / f"{part}{STATE_SUFFIX}",
                           f"{self.stage_hash(stage)}/{part}", loss, optimizer, every, self.cfg.q_value_bound,
-                          self.resume, record)
+                          self.resume, record, on_resume=lambda step: self.drop_logs_after(part, step))
 
     def collectors(self, actor, frames_per_batch: int, total_frames: int, seed: int, init_random_frames: int = 0):
         """`frames_done -> Collector` for the rest of an online loop.
@@ -143,6 +143,12 @@ class Pipeline:
     def log(self, prefix: str, metrics, step: int) -> None:
         for key, value in metrics.items():
             self.logger.log_scalar(f"{prefix}/{key}", float(value), step=step)
+
+    def drop_logs_after(self, prefix: str, step: int) -> None:
+        """Remove the CSV log rows of `prefix` after `step`: a resumed loop logs those steps again."""
+        for path in (self.run_dir / "logs" / "scalars" / prefix).glob("*.csv"):
+            rows = path.read_text().splitlines(keepends=True)
+            atomic_write_text(path, "".join(row for row in rows if float(row.split(",", 1)[0]) <= step))
 
     @property
     def logger(self):

@@ -94,12 +94,15 @@ class Supervisor:
 
     `step` counts the loop's `unit`: updates (offline) or collected frames (online); a checkpoint
     is saved every `every` steps, at the end, and when a stop signal arrives. `record` (an
-    `OnlineRecord`) holds what the stage gathered besides the networks.
+    `OnlineRecord`) holds what the stage gathered besides the networks; `on_resume(step)` drops
+    what the interrupted run logged after the checkpoint it resumes from.
     """
 
     def __init__(self, name: str, unit: str, path: Path, fingerprint: str, loss: CQLSACLoss, optimizer, every: int,
-                 q_bound: float, resume: bool, record: OnlineRecord | None = None):
+                 q_bound: float, resume: bool, record: OnlineRecord | None = None,
+                 on_resume: Callable[[int], None] = lambda step: None):
         self.name, self.unit, self.path, self.fingerprint = name, unit, path, fingerprint
+        self.on_resume = on_resume
         self.loss, self.optimizer, self.record = loss, optimizer, record
         self.every, self.q_bound, self.resume = every, q_bound, resume
         self.next_save = every
@@ -116,6 +119,7 @@ class Supervisor:
             self.record.load_state_dict(record, self.path)
         self.saved_step = progress["step"]
         self.next_save = progress["step"] + self.every
+        self.on_resume(progress["step"])
         print(f"[{self.name}] resuming from {self.path} at {self.unit} {progress['step']}")
         return progress
 

@@ -62,6 +62,12 @@ def agent_weights(root, name):
     return torch.load(stage_outputs(root, name, "offline")["agent"], weights_only=True)["loss"]
 
 
+def assert_same_offline_log(root, name):
+    """The offline Q-values logged by run `name` are those of the reference run, with no step twice."""
+    first, second = (run_dir_of(root, n) / "logs" / "scalars" / "offline" / "q_data.csv" for n in (name, "reference"))
+    assert first.read_text() == second.read_text()
+
+
 def assert_same_weights(first, second):
     assert first.keys() == second.keys()
     for key in first:
@@ -124,6 +130,7 @@ def test_signal_saves_a_checkpoint_and_the_resumed_offline_stage_is_bit_identica
         key: value.replace("reference", name) if isinstance(value, str) else value
         for key, value in stage_outputs(reference, "reference", "offline").items()}
     assert not state.exists()  # removed once the stage finished
+    assert_same_offline_log(reference, name)
 
 
 @pytest.mark.parametrize("where", ["after a batch", "mid-batch"])
@@ -193,6 +200,7 @@ def test_sigkill_at_a_random_point_then_resume_matches_an_uninterrupted_run(refe
     assert_same_weights(agent_weights(reference, "killed"), agent_weights(reference, "reference"))
     assert stage_outputs(reference, "killed", "offline")["eval_return"] == \
         stage_outputs(reference, "reference", "offline")["eval_return"]
+    assert_same_offline_log(reference, "killed")  # rows logged after the last checkpoint are dropped on resume
     finetune = stage_outputs(reference, "killed", "finetune")
     assert [frames for frames, _ in finetune["evals"]] == [0, 200, 400]
     assert [frames for frames, _ in finetune["sac_baseline_evals"]] == [200, 400]
