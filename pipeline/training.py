@@ -117,8 +117,7 @@ class Supervisor:
         record = progress.pop("record", None)
         if self.record is not None:
             self.record.load_state_dict(record, self.path)
-        self.saved_step = progress["step"]
-        self.next_save = progress["step"] + self.every
+        self.saved_at(progress["step"])
         self.on_resume(progress["step"])
         print(f"[{self.name}] resuming from {self.path} at {self.unit} {progress['step']}")
         return progress
@@ -155,6 +154,10 @@ class Supervisor:
         if self.record is not None:
             progress["record"] = self.record.state_dict(self.path)
         save_training_state(self.path, self.fingerprint, self.loss, self.optimizer, {"step": step, **progress})
+        self.saved_at(step)
+
+    def saved_at(self, step: int) -> None:
+        """Note the checkpoint at `step`; the next one is due at the next multiple of `every`."""
         self.saved_step = step
         self.next_save = step - step % self.every + self.every
 
