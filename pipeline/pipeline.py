@@ -145,10 +145,12 @@ class Pipeline:
             self.logger.log_scalar(f"{prefix}/{key}", float(value), step=step)
 
     def drop_logs_after(self, prefix: str, step: int) -> None:
-        """Remove the CSV log rows of `prefix` after `step`: a resumed loop logs those steps again."""
+        """Remove the CSV log rows of `prefix` after `step` (a resumed loop logs those steps again) and a
+        last row cut short by a kill."""
         for path in (self.run_dir / "logs" / "scalars" / prefix).glob("*.csv"):
             rows = path.read_text().splitlines(keepends=True)
-            atomic_write_text(path, "".join(row for row in rows if float(row.split(",", 1)[0]) <= step))
+            atomic_write_text(path, "".join(row for row in rows
+                                            if row.endswith("\n") and float(row.split(",", 1)[0]) <= step))
 
     @property
     def logger(self):

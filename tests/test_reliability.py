@@ -252,7 +252,7 @@ def bad_inputs(store):
     metadata.write_text(metadata.read_text().replace(DATASET, "test/truncated-v0"))
     data = metadata.with_name("main_data.hdf5")
     os.truncate(data, data.stat().st_size // 2)
-    (store / "garbage.pt").write_bytes(os.urandom(1000))
+    (store / "garbage.pt").write_bytes(bytes(range(256)) * 4)
     (store / "a-file").write_text("not a folder")
     return store
 
@@ -302,17 +302,20 @@ def test_bad_checkpoints_and_run_dirs_are_one_line_with_status_2(bad_inputs, cap
     save_training_state(other_state, "another config", loss, make_optimizer(loss, other.cfg.offline.optim), {"step": 1})
     agent = bad_inputs / "agent.pt"
     torch.save({"kind": "cqlsac-agent", "loss": loss.state_dict()}, agent)
-    cases = [
-        (["run", "--resume", str(pipe.run_dir)], f"checkpoint {state} is corrupted or not a torch file "
-                                                 f"(UnpicklingError); delete {state} to restart this stage"),
-        (["run", "--resume", str(other.run_dir)], f"checkpoint {other_state} was written by another config"),
-        (["run", "--resume", str(bad_inputs)], f"{bad_inputs} is not a run directory (no config.yaml in it)"),
-        (["run", "--resume", str(pipe.run_dir), "seed=1"], "--resume takes no config or overrides"),
-        (["eval", str(bad_inputs / "garbage.pt")], "checkpoint"),
-        (["eval", str(agent)], f"{agent} is not a cqlsac-policy checkpoint; pass a policy.pt"),
+    cases = [  # (arguments, the start of the line, the fix it names)
+        (["run", "--resume", str(pipe.run_dir)], f"checkpoint {state} is corrupted or not a torch file (",
+         f"delete {state} to restart this stage from scratch"),
+        (["run", "--resume", str(other.run_dir)], f"checkpoint {other_state} was written by another config",
+         "resume with the run's own config.yaml"),
+        (["run", "--resume", str(bad_inputs)], f"{bad_inputs} is not a run directory (no config.yaml in it)",
+         "pass the folder that `cqlsac run` printed"),
+        (["run", "--resume", str(pipe.run_dir), "seed=1"], "--resume takes no config or overrides",
+         "continues with its own config.yaml"),
+        (["eval", str(bad_inputs / "garbage.pt")], "checkpoint", "pass a policy.pt"),
+        (["eval", str(agent)], f"{agent} is not a cqlsac-policy checkpoint", "pass a policy.pt"),
     ]
-    for argv, message in cases:
+    for argv, start, fix in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
-        assert err.startswith(f"cqlsac {argv[0]}: error: {message}"), err
+        assert err.startswith(f"cqlsac {argv[0]}: error: {start}") and fix in err, err
         assert err.count("\n") == 1 and "Traceback" not in err
