@@ -145,8 +145,10 @@ class Pipeline:
             self.logger.log_scalar(f"{prefix}/{key}", float(value), step=step)
 
     def drop_logs_after(self, prefix: str, step: int) -> None:
-        """Remove the CSV log rows of `prefix` after `step` (a resumed loop logs those steps again) and a
-        last row cut short by a kill."""
+        """Drop the CSV log rows of `prefix` after `step`, which a resumed loop logs again.
+
+        A last row cut short by a kill goes too.
+        """
         for path in (self.run_dir / "logs" / "scalars" / prefix).glob("*.csv"):
             rows = path.read_text().splitlines(keepends=True)
             atomic_write_text(path, "".join(row for row in rows
