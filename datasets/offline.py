@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from cqlsac.datasets.store import READ_ERRORS, DatasetError, corrupted_dataset_error, open_dataset
 
-CACHE_FORMAT = 1  # bump when the cached layout changes
+CACHE_FORMAT = 2  # bump when the cached layout changes (2: a manifest of file sizes)
 STATS_FILE = "cqlsac_stats.json"
 
 
@@ -147,7 +147,7 @@ def _build_cache(dataset: minari.MinariDataset, gamma: float, final: Path) -> No
             raise corrupted_dataset_error(dataset.id, data_path, ValueError(
                 f"metadata says {n} steps, episodes hold {start}"))
         (tmp / STATS_FILE).write_text(json.dumps({"mean_return": math.fsum(returns) / len(returns),
-                                                  "num_episodes": len(returns)}))
+                                                  "num_episodes": len(returns), "file_sizes": _file_sizes(tmp)}))
         try:
             os.rename(tmp, final)
         except OSError:  # another process built the same cache meanwhile: keep theirs
@@ -158,6 +158,24 @@ def _build_cache(dataset: minari.MinariDataset, gamma: float, final: Path) -> No
     for stale in final.parent.iterdir():  # one cache per dataset: older contents or another gamma
         if stale != final and not stale.name.startswith("."):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != STATS_FILE}
+
+
+def _cache_intact(folder: Path) -> bool:
+    """Whether a cache folder holds every file it was built with, at its size.
+
+    The cache is derived data, so a damaged one (a truncated memmap reads as zeros, silently) is
+    rebuilt from the dataset rather than reported.
+    """
+    try:
+        stats = json.loads((folder / STATS_FILE).read_text())
+        return stats.get("file_sizes") == _file_sizes(folder)
+    except (OSError, ValueError):
+        return False
 
 
 def load_transitions(dataset_id: str, gamma: float = 0.99, download: bool = False,
@@ -173,7 +191,8 @@ def load_transitions(dataset_id: str, gamma: float = 0.99, download: bool = Fals
     data_path = Path(dataset.spec.data_path)
     key = hashlib.sha256(f"{CACHE_FORMAT}|{_fingerprint(data_path)}|{float(gamma)!r}".encode()).hexdigest()[:20]
     final = Path(cache_dir or default_cache_dir()) / "offline" / dataset_id / key
-    if not final.is_dir():
+    if not _cache_intact(final):
+        shutil.rmtree(final, ignore_errors=True)
         _build_cache(dataset, gamma, final)
     transitions = TensorDict.load_memmap(final)
     stats = json.loads((final / STATS_FILE).read_text())

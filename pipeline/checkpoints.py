@@ -1,4 +1,9 @@
-"""Policy checkpoints: the actor's weights plus what is needed to rebuild it."""
+"""Checkpoints: policies (the actor's weights plus what is needed to rebuild it) and training states.
+
+A training state is what an interrupted stage needs to carry on exactly where it stopped: the loss
+module (networks, target critics, temperatures, update count), the optimizer, torch's RNG and the
+stage's own progress (counters, replay contents). Every file is written atomically.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,11 @@ from torchrl.modules import ProbabilisticActor
 
 from cqlsac.components.envs import make_env
 from cqlsac.components.networks import NetworkConfig, make_actor
+
+
+POLICY = "cqlsac-policy"
+TRAINING_STATE = "cqlsac-training-state"
+AGENT = "cqlsac-agent"
 
 
 class CheckpointError(ValueError):
@@ -36,10 +46,36 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through a temp file and a rename, so a kill never leaves half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str | os.PathLike, kind: str, fix: str) -> dict:
+    """The dict saved at `path` as checkpoint `kind`; a missing, damaged or foreign file is a `CheckpointError`.
+
+    `fix` completes the error message: what the user should do instead.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; {fix}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged zip/pickle
+        raise CheckpointError(f"checkpoint {path} is corrupted or not a torch file ({type(exc).__name__}); "
+                              f"{fix}") from None
+    if not isinstance(state, dict) or state.get("kind") != kind:
+        raise CheckpointError(f"{path} is not a {kind} checkpoint; {fix}")
+    return state
+
+
 def save_policy(path: str | os.PathLike, actor: ProbabilisticActor, env_id: str, network: NetworkConfig,
                 env_kwargs: dict | None = None, **info: Any) -> None:
     """Write a policy checkpoint; `info` holds free metadata (e.g. the mean return it reached)."""
-    atomic_torch_save({"kind": "cqlsac-policy", "env_id": env_id, "env_kwargs": env_kwargs or {},
+    atomic_torch_save({"kind": POLICY, "env_id": env_id, "env_kwargs": env_kwargs or {},
                        "network": asdict(network), "actor": actor.state_dict(), "info": info}, path)
 
 
@@ -54,22 +90,57 @@ def file_sha256(path: str | os.PathLike) -> str:
 def load_policy(path: str | os.PathLike) -> tuple[ProbabilisticActor, dict]:
     """Rebuild the actor of a policy checkpoint; returns it with the checkpoint's metadata."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a damaged zip/pickle
-        raise CheckpointError(f"checkpoint {path} is corrupted or not a torch file ({type(exc).__name__}); "
-                              "re-create it or point to another one") from None
-    if not isinstance(state, dict) or state.get("kind") != "cqlsac-policy":
-        raise CheckpointError(f"{path} is not a cqlsac policy checkpoint")
+    fix = "pass a policy.pt that `cqlsac run` wrote (e.g. runs/cache/finetune-*/policy.pt)"
+    state = read_checkpoint(path, POLICY, fix)
     env = make_env(state["env_id"], env_kwargs=state["env_kwargs"])
     actor = make_actor(env.observation_spec["observation"], env.action_spec, NetworkConfig(**state["network"]))
     env.close()
-    try:
-        actor.load_state_dict(state["actor"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {path} does not match its own network config: {exc}") from None
+    load_module_state(path, state["actor"], actor, fix)
     meta = {k: v for k, v in state.items() if k != "actor"}
     meta["sha256"] = file_sha256(path)
     return actor, meta
+
+
+def save_training_state(path: str | os.PathLike, fingerprint: str, loss: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer, progress: dict) -> None:
+    """Write everything a stage needs to carry on; `fingerprint` ties the file to the config that made it."""
+    atomic_torch_save({"kind": TRAINING_STATE, "fingerprint": fingerprint, "loss": loss.state_dict(),
+                       "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                       "progress": progress}, path)
+
+
+def load_training_state(path: str | os.PathLike, fingerprint: str, loss: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer) -> dict:
+    """Restore loss, optimizer and torch's RNG from a training state; returns the stage's progress."""
+    restart = f"delete {path} to restart this stage from scratch"
+    state = read_checkpoint(path, TRAINING_STATE, restart)
+    if state["fingerprint"] != fingerprint:
+        raise CheckpointError(f"checkpoint {path} was written by another config; resume with the run's own "
+                              f"config.yaml, or {restart}")
+    load_module_state(path, state["loss"], loss, restart)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit this config's optimizer ({exc}); {restart}") from None
+    torch.set_rng_state(state["torch_rng"])
+    return state["progress"]
+
+
+def load_module_state(path: str | os.PathLike, state: dict, module: torch.nn.Module, fix: str) -> None:
+    """`module.load_state_dict(state)`, with networks of another shape as a one-line `CheckpointError`."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        reason = str(exc).splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} does not fit this config's networks ({reason}); {fix}") from None
+
+
+def save_agent(path: str | os.PathLike, loss: torch.nn.Module) -> None:
+    """The whole trained agent (the loss module's state), for the stage that continues from it."""
+    atomic_torch_save({"kind": AGENT, "loss": loss.state_dict()}, path)
+
+
+def load_agent(path: str | os.PathLike, loss: torch.nn.Module) -> None:
+    """Load an agent saved by `save_agent` into `loss`."""
+    fix = "delete the stage folder that holds it to train that stage again"
+    load_module_state(path, read_checkpoint(path, AGENT, fix)["loss"], loss, fix)

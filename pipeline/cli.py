@@ -10,12 +10,37 @@ from cqlsac.pipeline.config import ConfigError
 from cqlsac.pipeline.datasets_cli import USER_ERRORS, add_datasets_parser
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """Run the pipeline; the run directory is the last line printed."""
-    from cqlsac.pipeline.pipeline import Pipeline
+DIVERGED = 3  # exit status of a run stopped by a NaN/Inf loss or Q-value
 
-    pipe = Pipeline.from_yaml(args.config, args.overrides)
-    summary = pipe.run()
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run or resume the pipeline; the run directory is the last line printed.
+
+    SIGINT/SIGTERM save a checkpoint and exit with 130/143; a diverged stage exits with 3.
+    """
+    from cqlsac.pipeline.pipeline import Pipeline
+    from cqlsac.pipeline.training import DivergenceError, Interrupted, stop_on_signals
+
+    if args.resume is not None:
+        if args.config is not None or args.overrides:
+            raise ConfigError("--resume takes no config or overrides: the run continues with its own config.yaml")
+        pipe = Pipeline.resumed(args.resume)
+    else:
+        pipe = Pipeline.from_yaml(args.config, args.overrides)
+    resume = f"resume with `cqlsac run --resume {pipe.run_dir}`"
+    try:
+        with stop_on_signals():
+            summary = pipe.run()
+    except Interrupted as stop:
+        saved = f"checkpoint saved to {stop.checkpoint}" if stop.checkpoint else "finished stages are kept"
+        print(f"cqlsac run: stopped by {stop}; {saved}; {resume}", file=sys.stderr)
+        return stop.exit_status
+    except KeyboardInterrupt:
+        print(f"cqlsac run: interrupted; {resume} (from the last periodic checkpoint)", file=sys.stderr)
+        return 130
+    except DivergenceError as exc:
+        print(f"cqlsac run: error: {exc}", file=sys.stderr)
+        return DIVERGED
     print(json.dumps({k: summary[k] for k in ("final_eval_return", "final_normalized_score", "stage_seconds")}))
     print(pipe.run_dir)
     return 0
@@ -39,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="run the pipeline (pretrain, dataset, offline, finetune, evaluate)")
     run.add_argument("config", nargs="?", help="YAML config (default: the built-in Pendulum-v1 pipeline)")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. finetune.mixing=annealed seed=3")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue an interrupted run from its last checkpoints (finished stages are reused)")
     run.set_defaults(handler=run_command)
     evaluate = commands.add_parser("eval", help="evaluate a policy checkpoint")
     evaluate.add_argument("checkpoint")

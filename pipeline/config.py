@@ -112,6 +112,22 @@ class EvaluateConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """In-stage checkpoints, which `cqlsac run --resume RUN_DIR` continues from.
+
+    No stage hash covers this section: how often a stage saves does not change what it computes.
+    """
+
+    offline_every: int = 500  # offline updates between checkpoints
+    online_every: int = 1000  # collected frames between checkpoints (pretrain, finetune, SAC baseline)
+
+    def __post_init__(self):
+        for name in ("offline_every", "online_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"checkpoints.{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
 class PipelineConfig:
     seed: int = 0
     stages: list = field(default_factory=lambda: list(STAGES))
@@ -126,11 +142,17 @@ class PipelineConfig:
     offline: OfflineConfig = field(default_factory=OfflineConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # A mean Q-value beyond +-this bound is reported once as a warning (Q-values exploding); it does
+    # not stop training. Far above the |Q| of the usual Gym rewards (|r| < 20, gamma 0.99).
+    q_value_bound: float = 1e4
 
     def __post_init__(self):
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ConfigError(f"stages: unknown stage(s) {unknown}; the stages are {list(STAGES)}")
+        if not self.q_value_bound > 0:
+            raise ConfigError(f"q_value_bound must be positive, got {self.q_value_bound}")
         if self.logger not in ("csv", "tensorboard"):
             raise ConfigError(f"logger must be 'csv' or 'tensorboard', got {self.logger!r}")
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import gymnasium as gym
 import torch
 from tensordict import TensorDict
 from torchrl.record.loggers import CSVLogger, TensorboardLogger
@@ -28,10 +29,19 @@ from cqlsac.components.replay import MixedReplay, make_online_buffer
 from cqlsac.components.update import make_optimizer
 from cqlsac.datasets.offline import check_spaces, load_offline_replay, normalized_score
 from cqlsac.pipeline import report
-from cqlsac.pipeline.checkpoints import atomic_torch_save, load_policy, save_policy
-from cqlsac.pipeline.config import STAGES, PipelineConfig, config_hash
+from cqlsac.pipeline.checkpoints import atomic_write_text, load_agent, load_policy, save_agent, save_policy
+from cqlsac.pipeline.config import STAGES, ConfigError, PipelineConfig, config_hash
 from cqlsac.pipeline.dataset_creation import create_dataset, write_replay_dataset
-from cqlsac.pipeline.training import EpisodeAccumulator, evaluate_policy, train_offline, train_online
+from cqlsac.pipeline.training import (
+    STATE_SUFFIX,
+    EpisodeAccumulator,
+    OnlineRecord,
+    Supervisor,
+    evaluate_policy,
+    stop_if_requested,
+    train_offline,
+    train_online,
+)
 
 STAGE_SEED_OFFSET = {name: 1000 * i for i, name in enumerate(STAGES)}
 
@@ -45,16 +55,26 @@ class Stage:
 
 
 def atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
+
+
+def ensure_writable(folder: Path, key: str) -> None:
+    """Create `folder` and write a probe file in it, so an unusable `key` fails before any training."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot write to {folder} ({exc.strerror or exc}); "
+                          f"set {key}=DIR to a writable folder") from None
 
 
 class Pipeline:
     """Wires components from a `PipelineConfig` and runs the named stages in dependency order."""
 
-    def __init__(self, cfg: PipelineConfig, run_dir: str | Path | None = None):
+    def __init__(self, cfg: PipelineConfig, run_dir: str | Path | None = None, resume: bool = False):
         self.cfg = cfg
+        self.resume = resume  # continue interrupted stages from their in-stage checkpoints
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(run_dir) if run_dir else Path(cfg.output_dir) / f"{stamp}-{config_hash(cfg)[:6]}"
         self.outputs: dict[str, dict] = {}
@@ -65,6 +85,15 @@ class Pipeline:
     @classmethod
     def from_yaml(cls, path=None, overrides=(), run_dir=None) -> "Pipeline":
         return cls(PipelineConfig.from_yaml(path, list(overrides)), run_dir)
+
+    @classmethod
+    def resumed(cls, run_dir: str | Path) -> "Pipeline":
+        """The pipeline of an interrupted run, from its `config.yaml`; it continues where the run stopped."""
+        config = Path(run_dir) / "config.yaml"
+        if not config.is_file():
+            raise ConfigError(f"{run_dir} is not a run directory (no config.yaml in it); pass the folder "
+                              "that `cqlsac run` printed as its run directory")
+        return cls(PipelineConfig.from_yaml(config), run_dir, resume=True)
 
     # --- wiring ---------------------------------------------------------------------------
     def env(self, seed: int | None = None):
@@ -79,6 +108,34 @@ class Pipeline:
         critic = make_critics(obs_spec, act_spec, self.cfg.network)
         return CQLSACLoss(actor, critic, loss_cfg)
 
+    def check_env(self) -> None:
+        """Make the env once, so an unknown id or bad kwargs fail before any output is written."""
+        try:
+            self.env().close()
+        except (TypeError, gym.error.Error) as exc:
+            raise ConfigError(f"env.kwargs {self.cfg.env.kwargs} do not work with {self.cfg.env.id} "
+                              f"({str(exc).splitlines()[0]}); fix or remove env.kwargs") from None
+
+    def supervisor(self, stage: str, part: str, loss, optimizer, record: OnlineRecord | None = None) -> Supervisor:
+        """The supervisor of one training loop of `stage`, checkpointing to `<stage dir>/<part>.state.pt`."""
+        offline = stage == "offline"
+        every = self.cfg.checkpoints.offline_every if offline else self.cfg.checkpoints.online_every
+        return Supervisor(part, "update" if offline else "frame", self.stage_dir(stage) / f"{part}{STATE_SUFFIX}",
+                          f"{self.stage_hash(stage)}/{part}", loss, optimizer, every, self.cfg.q_value_bound,
+                          self.resume, record, on_resume=lambda step: self.drop_logs_after(part, step))
+
+    def collectors(self, actor, frames_per_batch: int, total_frames: int, seed: int, init_random_frames: int = 0):
+        """`frames_done -> Collector` for the rest of an online loop.
+
+        A resumed loop cannot restore its env, so it carries on with a fresh collector for the
+        frames still to collect, seeded apart from the first one so it does not replay its episodes.
+        """
+        def new_collector(frames_done: int):
+            return make_collector(self.env, actor, frames_per_batch=frames_per_batch,
+                                  total_frames=total_frames - frames_done,
+                                  init_random_frames=max(init_random_frames - frames_done, 0), seed=seed + frames_done)
+        return new_collector
+
     def evaluate(self, actor, episodes: int, seed: int) -> float:
         returns = evaluate_policy(actor, self.cfg.env.id, self.cfg.env.kwargs, episodes, seed)
         return sum(returns) / len(returns)
@@ -86,6 +143,16 @@ class Pipeline:
     def log(self, prefix: str, metrics, step: int) -> None:
         for key, value in metrics.items():
             self.logger.log_scalar(f"{prefix}/{key}", float(value), step=step)
+
+    def drop_logs_after(self, prefix: str, step: int) -> None:
+        """Drop the CSV log rows of `prefix` after `step`, which a resumed loop logs again.
+
+        A last row cut short by a kill goes too.
+        """
+        for path in (self.run_dir / "logs" / "scalars" / prefix).glob("*.csv"):
+            rows = path.read_text().splitlines(keepends=True)
+            atomic_write_text(path, "".join(row for row in rows
+                                            if row.endswith("\n") and float(row.split(",", 1)[0]) <= step))
 
     @property
     def logger(self):
@@ -130,10 +197,18 @@ class Pipeline:
         return Path(self.cfg.cache_dir) / f"{name}-{self.stage_hash(name)}"
 
     def run(self, stages=None) -> dict:
-        """Run (or reuse) the stages; write the report and `summary.json`; return the summary."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.cfg.to_yaml(self.run_dir / "config.yaml")
+        """Run (or reuse) the stages; write the report and `summary.json`; return the summary.
+
+        With `resume`, an interrupted stage continues from its last in-stage checkpoint; otherwise
+        it starts over. Between stages a stop signal ends the run (finished stages are kept).
+        """
+        self.check_env()
+        ensure_writable(self.run_dir, "output_dir")
+        ensure_writable(Path(self.cfg.cache_dir), "cache_dir")
+        atomic_write_text(self.run_dir / "config.yaml", self.cfg.to_yaml())
+        print(f"run directory: {self.run_dir}")
         for name in self.plan(stages):
+            stop_if_requested()
             out_dir = self.stage_dir(name)
             done = out_dir / "outputs.json"
             if done.is_file():
@@ -146,6 +221,8 @@ class Pipeline:
             outputs = STAGE_TABLE[name].run(self, out_dir)
             self.stage_seconds[name] = round(time.perf_counter() - start, 2)
             atomic_json(done, outputs)
+            for state in out_dir.glob(f"*{STATE_SUFFIX}"):
+                state.unlink()
             self.outputs[name] = outputs
         summary = report.write(self)
         return summary
@@ -170,6 +247,7 @@ def run_pretrain(pipe: Pipeline, out: Path) -> dict:
     pcfg = cfg.pretrain
     buffer = make_online_buffer(pcfg.frames)
     checkpoints = []
+    supervisor = pipe.supervisor("pretrain", "pretrain", loss, optimizer, OnlineRecord(buffer, checkpoints))
 
     def on_eval(frames, mean_return):
         path = out / f"policy_{frames:08d}.pt"
@@ -178,15 +256,15 @@ def run_pretrain(pipe: Pipeline, out: Path) -> dict:
         checkpoints.append({"frames": frames, "return": mean_return, "path": str(path)})
         pipe.logger.log_scalar("pretrain/eval_return", mean_return, step=frames)
 
-    collector = make_collector(pipe.env, loss.actor_network, frames_per_batch=pcfg.frames_per_batch,
-                               total_frames=pcfg.frames, init_random_frames=pcfg.init_random_frames, seed=cfg.seed)
-    train_online(loss, optimizer, pcfg.optim.tau, collector,
+    new_collector = pipe.collectors(loss.actor_network, pcfg.frames_per_batch, pcfg.frames, cfg.seed,
+                                    pcfg.init_random_frames)
+    train_online(loss, optimizer, pcfg.optim.tau, new_collector,
                  add=lambda data: buffer.extend(data.reshape(-1)),
                  sample=lambda progress: buffer.sample(pcfg.batch_size),
                  can_update=lambda frames: frames >= pcfg.init_random_frames,
                  total_frames=pcfg.frames, utd_ratio=pcfg.utd_ratio,
                  evaluate=lambda: pipe.evaluate(loss.actor_network, pcfg.eval_episodes, cfg.evaluate.seed),
-                 eval_every=pcfg.eval_every, on_eval=on_eval, log=pipe.log, desc="pretrain")
+                 eval_every=pcfg.eval_every, on_eval=on_eval, log=pipe.log, supervisor=supervisor, desc="pretrain")
     replay_path = out / "replay"
     shutil.rmtree(replay_path, ignore_errors=True)
     buffer[:].exclude("collector", "loc", "scale").memmap(replay_path)
@@ -226,11 +304,12 @@ def run_offline(pipe: Pipeline, out: Path) -> dict:
     loss = pipe.new_agent(ocfg.loss)
     optimizer = make_optimizer(loss, ocfg.optim)
     keys = loss.in_keys
+    supervisor = pipe.supervisor("offline", "offline", loss, optimizer)
     train_offline(loss, optimizer, ocfg.optim.tau, lambda: replay.sample().select(*keys), ocfg.updates,
-                  pipe.log, ocfg.log_every)
+                  pipe.log, ocfg.log_every, supervisor)
     mean_return = pipe.evaluate(loss.actor_network, pipe.cfg.evaluate.episodes, pipe.cfg.evaluate.seed)
     pipe.logger.log_scalar("offline/eval_return", mean_return, step=ocfg.updates)
-    atomic_torch_save({"loss": loss.state_dict()}, out / "agent.pt")
+    save_agent(out / "agent.pt", loss)
     save_policy(out / "policy.pt", loss.actor_network, pipe.cfg.env.id, pipe.cfg.network, pipe.cfg.env.kwargs,
                 mean_return=mean_return)
     return {"agent": str(out / "agent.pt"), "policy": str(out / "policy.pt"), "eval_return": mean_return,
@@ -245,8 +324,7 @@ def run_finetune(pipe: Pipeline, out: Path) -> dict:
         cql_weight=cfg.offline.loss.cql_weight if fcfg.cql_weight is None else fcfg.cql_weight,
         calibrated=fcfg.calibrated or cfg.offline.loss.calibrated)
     loss = pipe.new_agent(loss_cfg)
-    state = torch.load(pipe.outputs["offline"]["agent"], weights_only=True)["loss"]
-    loss.load_state_dict(state)
+    load_agent(pipe.outputs["offline"]["agent"], loss)
     optimizer = make_optimizer(loss, cfg.offline.optim)
     offline, _ = pipe.offline_replay(fcfg.batch_size)
     keys = loss.in_keys + ["mc_return"] if "mc_return" not in loss.in_keys else loss.in_keys
@@ -265,17 +343,18 @@ def run_finetune(pipe: Pipeline, out: Path) -> dict:
             online.extend(completed)
 
     evals = [(0, pipe.outputs["offline"]["eval_return"])]
-    collector = make_collector(pipe.env, loss.actor_network, frames_per_batch=fcfg.frames_per_batch,
-                               total_frames=fcfg.frames, seed=cfg.seed + 1)
+    record = OnlineRecord(online, evals, accumulator, skip_rows=0 if initial is None else initial.shape[0])
+    supervisor = pipe.supervisor("finetune", "finetune", loss, optimizer, record)
+    new_collector = pipe.collectors(loss.actor_network, fcfg.frames_per_batch, fcfg.frames, cfg.seed + 1)
 
     def on_eval(frames, mean_return):
         evals.append((frames, mean_return))
         pipe.logger.log_scalar("finetune/eval_return", mean_return, step=frames)
 
-    train_online(loss, optimizer, cfg.offline.optim.tau, collector, add=add, sample=mixed.sample,
+    train_online(loss, optimizer, cfg.offline.optim.tau, new_collector, add=add, sample=mixed.sample,
                  can_update=lambda frames: True, total_frames=fcfg.frames, utd_ratio=fcfg.utd_ratio,
                  evaluate=lambda: pipe.evaluate(loss.actor_network, fcfg.eval_episodes, cfg.evaluate.seed),
-                 eval_every=fcfg.eval_every, on_eval=on_eval, log=pipe.log, desc="finetune")
+                 eval_every=fcfg.eval_every, on_eval=on_eval, log=pipe.log, supervisor=supervisor, desc="finetune")
     save_policy(out / "policy.pt", loss.actor_network, cfg.env.id, cfg.network, cfg.env.kwargs)
     outputs = {"policy": str(out / "policy.pt"), "evals": evals}
     if fcfg.sac_baseline:
@@ -290,16 +369,16 @@ def run_sac_baseline(pipe: Pipeline, out: Path) -> list:
     optimizer = make_optimizer(loss, cfg.pretrain.optim)
     buffer = make_online_buffer(fcfg.frames)
     evals = []
+    supervisor = pipe.supervisor("finetune", "sac-baseline", loss, optimizer, OnlineRecord(buffer, evals))
     warmup = min(cfg.pretrain.init_random_frames, fcfg.frames // 2)
-    collector = make_collector(pipe.env, loss.actor_network, frames_per_batch=fcfg.frames_per_batch,
-                               total_frames=fcfg.frames, init_random_frames=warmup, seed=cfg.seed + 2)
-    train_online(loss, optimizer, cfg.pretrain.optim.tau, collector,
+    new_collector = pipe.collectors(loss.actor_network, fcfg.frames_per_batch, fcfg.frames, cfg.seed + 2, warmup)
+    train_online(loss, optimizer, cfg.pretrain.optim.tau, new_collector,
                  add=lambda data: buffer.extend(data.reshape(-1)),
                  sample=lambda progress: buffer.sample(fcfg.batch_size),
                  can_update=lambda frames: frames >= warmup, total_frames=fcfg.frames, utd_ratio=fcfg.utd_ratio,
                  evaluate=lambda: pipe.evaluate(loss.actor_network, fcfg.eval_episodes, cfg.evaluate.seed),
                  eval_every=fcfg.eval_every, on_eval=lambda frames, r: evals.append((frames, r)),
-                 log=pipe.log, desc="sac-baseline")
+                 log=pipe.log, supervisor=supervisor, desc="sac-baseline")
     return evals
 
 
