@@ -72,6 +72,7 @@ from torchrl.data import Bounded, LazyTensorStorage, ReplayBuffer, Unbounded  # 
 from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator  # noqa: E402
 from torchrl.objectives import CQLLoss, SoftUpdate  # noqa: E402
 
+from cqlsac.components.allocator import ENV_SWITCH, keep_freed_memory  # noqa: E402
 from cqlsac.components.cql_loss import CQLSACLoss, LossConfig  # noqa: E402
 from cqlsac.components.networks import NetworkConfig, make_actor, make_critics  # noqa: E402
 from cqlsac.components.update import OptimConfig, make_optimizer, polyak_update, update_step  # noqa: E402
@@ -481,6 +482,9 @@ def main(argv=None):
           f"N {args.num_actions}, {args.seconds:g} s per measurement, warmup {args.warmup}"
           + (" (quick)" if args.quick else ""))
     print(f"{load_note(cores)} | OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+    malloc_tuned = keep_freed_memory()
+    print(f"malloc tuning (components.allocator.keep_freed_memory): {'on' if malloc_tuned else 'off'}"
+          f" | {ENV_SWITCH}={os.environ.get(ENV_SWITCH, 'unset')}")
     t_run = time.perf_counter()
 
     rb = synthetic_buffer(args)
