@@ -32,20 +32,23 @@ the input gradient (dX = dY W^T) and the weight gradient (dW = X^T dY). Hence pe
 Notation: B batch, o obs dim, a act dim, N actions per CQL set, E critics (2),
 actor sizes o -> h1 -> ... -> 2a, critic sizes (o + a) -> h1 -> ... -> 1.
 
-  actor, one call on cat(s, s') = 2B rows, gradient to the weights:
-      2 * 2B * [2 * o*h1 + 3 * (h1*h2 + ... + h_last*2a)]
-      (first layer x2: its input is data; the s'-half also gets a zero gradient, the backward
-      matmul still covers all 2B rows)
+  actor, a call at s (B rows, gradient to the weights) and a no-grad call at s' (B rows):
+      2 * B * [2 * o*h1 + 3 * (h1*h2 + ... + h_last*2a)] + 2 * B * [o*h1 + h1*h2 + ... + h_last*2a]
+      (first layer x2: its input is data)
   fused critic call, E members, at s for the data action and 3N sampled actions, gradient to the
-  weights only (all actions are detached); `EnsembleMLP` computes the observation part of the
-  first layer once per state (B rows) and the action part for B(3N+1) rows:
+  weights only (all actions are detached); the observation part of the first layer is counted
+  once per state (B rows), the action part for B(3N+1) rows:
       2 * E * [2 * B*o*h1 + 2 * B(3N+1)*a*h1 + 3 * B(3N+1) * (h1*h2 + ... + h_last*1)]
   actor-loss critic call, B rows, detached weights, gradient to the action only:
       2 * E * [1 * B*o*h1 + 2 * B*a*h1 + 2 * B * (h1*h2 + ... + h_last*1)]
   target critic call, B rows, one next action (no max-Q backup), no grad:
       2 * E * [B*(o+a)*h1 + B * (h1*h2 + ... + h_last*1)]
 In SAC mode (cql_weight = 0) the fused call shrinks to the data action, K = 1 instead of 3N+1.
-At the defaults (B 256, h 256, o 11, a 3, N 10, E 2) this is 6.74 GFLOP per CQL update,
+The formula counts the work the update needs. `EnsembleMLP` does slightly more (~0.2 GFLOP): its
+first layer multiplies the whole (s, a) row of every action, because one K = o + a matmul is faster
+here than a state part, an action part and a broadcast add; that extra is not counted, so the
+fraction below is, if anything, understated.
+At the defaults (B 256, h 256, o 11, a 3, N 10, E 2) this is 6.67 GFLOP per CQL update,
 dominated by the 256x256 critic layer on B(3N+1) = 7,936 rows per member, which is why the
 sgemm reference is (7936 x 256) @ (256 x 256).
 """
@@ -321,7 +324,7 @@ def flops_per_update(batch, obs, act, hidden, num_actions, num_critics=2, cql=Tr
     rows = batch * k
     e = num_critics
     return {
-        "actor (2B rows, grad to weights)": 2 * (2 * batch) * (2 * obs * h[0] + 3 * actor_rest),
+        "actor (B rows with grad, B without)": 2 * batch * (3 * obs * h[0] + 4 * actor_rest),
         f"fused critic ({k} actions/state)": 2 * e * (2 * batch * obs * h[0] + 2 * rows * act * h[0]
                                                       + 3 * rows * critic_rest),
         "actor-loss critic (grad to action)": 2 * e * (batch * obs * h[0] + 2 * batch * act * h[0]
