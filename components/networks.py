@@ -16,6 +16,8 @@ from torch import nn
 from torchrl.data import Bounded, TensorSpec
 from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
 
+from cqlsac.components import onednn_ensemble
+
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "silu": nn.SiLU}
 
 
@@ -75,9 +77,13 @@ def make_actor(observation_spec: TensorSpec, action_spec: TensorSpec, cfg: Netwo
 class EnsembleMLP(nn.Module):
     """`num_members` independent MLPs Q(s, a) whose weights are stacked along a leading dim.
 
-    Weights are `[num_members, fan_in, fan_out]`, biases `[num_members, 1, fan_out]`; all members
-    are evaluated together, one batched matmul per hidden layer. Output: `[*batch, num_members]`.
+    Weights are `[num_members, fan_in, fan_out]`, biases `[num_members, 1, fan_out]`. All members
+    are evaluated in one call on the same (s, a) rows: on CPU in float32 with ReLU through oneDNN
+    (`onednn_ensemble`, ~2x faster matmuls here; `use_onednn = False` turns it off), otherwise one
+    batched matmul per hidden layer. Output: `[*batch, num_members]`.
     """
+
+    use_onednn: bool = True
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...], num_members: int,
                  activation: type[nn.Module] = nn.ReLU):
@@ -113,14 +119,18 @@ class EnsembleMLP(nn.Module):
         biases = list(self.biases) if biases is None else biases
         batch_shape = observation.shape[:-1]
         num_actions = actions.shape[-2]
-        # One row (s, a) per state and action; all members read the same rows (an expanded view).
+        # One row (s, a) per state and action, shared by all members: [S*K, obs+act].
         rows = torch.cat([observation.unsqueeze(-2).expand(*actions.shape[:-1], self.obs_dim), actions], -1)
-        hidden = rows.reshape(1, -1, rows.shape[-1]).expand(self.num_members, -1, -1)  # [E, S*K, obs+act]
-        for w, b in zip(weights[:-1], biases[:-1]):
-            hidden = self.activation(torch.baddbmm(b, hidden, w))
-        # The `fan_in -> 1` output layer as a dot product per row: faster than a batched
-        # matrix-vector matmul here, forward and backward.
-        q = torch.linalg.vecdot(hidden, weights[-1].transpose(-1, -2)) + biases[-1].squeeze(-1)  # [E, S*K]
+        rows = rows.reshape(-1, rows.shape[-1])
+        if self.use_onednn and onednn_ensemble.available_for(rows, weights, self.activation):
+            q = onednn_ensemble.ReluEnsembleOneDNN.apply(rows, *weights, *biases)  # [E, S*K]
+        else:
+            hidden = rows.expand(self.num_members, -1, -1)  # [E, S*K, obs+act], a view
+            for w, b in zip(weights[:-1], biases[:-1]):
+                hidden = self.activation(torch.baddbmm(b, hidden, w))
+            # The `fan_in -> 1` output layer as a dot product per row: faster than a batched
+            # matrix-vector matmul here, forward and backward.
+            q = torch.linalg.vecdot(hidden, weights[-1].transpose(-1, -2)) + biases[-1].squeeze(-1)  # [E, S*K]
         return q.movedim(0, -1).reshape(*batch_shape, num_actions, self.num_members)
 
 

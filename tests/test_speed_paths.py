@@ -12,6 +12,7 @@ from torchrl.data import Bounded, Unbounded
 from cqlsac.components.allocator import ENV_SWITCH, keep_freed_memory
 from cqlsac.components.cql_loss import CQLSACLoss, LossConfig
 from cqlsac.components.networks import EnsembleMLP, NetworkConfig, make_actor, make_critics
+from cqlsac.components.onednn_ensemble import available_for
 from cqlsac.components.update import OptimConfig, make_optimizer
 
 OBS_DIM, ACT_DIM, BATCH, NUM_ACTIONS = 5, 2, 4, 3
@@ -51,6 +52,42 @@ def test_ensemble_values_and_gradients_match_a_plain_loop(activation):
     torch.testing.assert_close(actions.grad, actions_ref.grad)
     for p, p_ref in zip(ensemble.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("hidden", [(16, 16), (9, 7, 5)])
+@pytest.mark.parametrize("detached_weights", [False, True])
+def test_onednn_float32_path_matches_a_float64_plain_loop(hidden, detached_weights):
+    torch.manual_seed(0)
+    ensemble = EnsembleMLP(OBS_DIM, ACT_DIM, hidden, num_members=2)
+    reference = copy.deepcopy(ensemble).double()
+    obs = torch.randn(BATCH, OBS_DIM)
+    actions = torch.randn(BATCH, NUM_ACTIONS, ACT_DIM, requires_grad=True)
+    actions_ref = actions.detach().double().requires_grad_()
+    weight = torch.randn(BATCH, NUM_ACTIONS, 2)
+    assert available_for(obs, list(ensemble.weights), ensemble.activation)
+    if detached_weights:  # as in the actor loss: gradient to the actions only
+        got = ensemble.evaluate(obs, actions, [w.detach() for w in ensemble.weights],
+                                [b.detach() for b in ensemble.biases])
+    else:
+        got = ensemble.evaluate(obs, actions)
+    expected = plain_q(reference, obs.double(), actions_ref, nn.ReLU())
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    (got * weight).sum().backward()
+    (expected * weight.double()).sum().backward()
+    torch.testing.assert_close(actions.grad.double(), actions_ref.grad, rtol=1e-5, atol=1e-5)
+    for p, p_ref in zip(ensemble.parameters(), reference.parameters()):
+        if detached_weights:
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad.double(), p_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_path_only_where_it_applies():
+    ensemble = EnsembleMLP(OBS_DIM, ACT_DIM, (8,), num_members=2)
+    rows = torch.randn(3, OBS_DIM + ACT_DIM)
+    assert not available_for(rows.double(), [w.double() for w in ensemble.weights], ensemble.activation)
+    assert not available_for(rows, list(ensemble.weights), nn.Tanh())
 
 
 def test_ensemble_forward_is_evaluate_with_one_action():
