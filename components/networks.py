@@ -123,7 +123,7 @@ class EnsembleMLP(nn.Module):
         rows = torch.cat([observation.unsqueeze(-2).expand(*actions.shape[:-1], self.obs_dim), actions], -1)
         rows = rows.reshape(-1, rows.shape[-1])
         if self.use_onednn and onednn_ensemble.available_for(rows, weights, self.activation):
-            q = onednn_ensemble.ReluEnsembleOneDNN.apply(rows, *weights, *biases)  # [E, S*K]
+            q = onednn_ensemble.ensemble_q(rows, weights, biases)  # [E, S*K]
         else:
             hidden = rows.expand(self.num_members, -1, -1)  # [E, S*K, obs+act], a view
             for w, b in zip(weights[:-1], biases[:-1]):

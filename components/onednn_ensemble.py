@@ -33,10 +33,16 @@ def _matmul(x: torch.Tensor, weight_t: torch.Tensor, bias=None, attr: str = "non
     return _linear(x, weight_t, bias, attr, [], "")
 
 
+@torch.compiler.disable  # inductor cannot lower this op with trainable weights: under torch.compile it runs eagerly
+def ensemble_q(rows: torch.Tensor, weights, biases) -> torch.Tensor:
+    """Q `[E, R]` of the ensemble on rows `[R, in]`, through `ReluEnsembleOneDNN`."""
+    return ReluEnsembleOneDNN.apply(rows, *weights, *biases)
+
+
 class ReluEnsembleOneDNN(torch.autograd.Function):
     """Q `[E, R]` of E ReLU MLPs on shared rows `[R, in]`; weights `[E, in, out]`, biases `[E, 1, out]`.
 
-    Called as `ReluEnsembleOneDNN.apply(rows, *weights, *biases)`; the last layer has out = 1.
+    Called through `ensemble_q`; the last layer has out = 1.
     """
 
     @staticmethod

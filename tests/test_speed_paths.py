@@ -90,6 +90,21 @@ def test_onednn_path_only_where_it_applies():
     assert not available_for(rows, list(ensemble.weights), nn.Tanh())
 
 
+def test_compiled_ensemble_computes_what_eager_does():
+    torch.manual_seed(0)
+    ensemble = EnsembleMLP(OBS_DIM, ACT_DIM, (16, 16), num_members=2)
+    obs, actions = torch.randn(BATCH, OBS_DIM), torch.randn(BATCH, NUM_ACTIONS, ACT_DIM)
+    eager = ensemble.evaluate(obs, actions)
+    eager.sum().backward()
+    eager_grads = [p.grad.clone() for p in ensemble.parameters()]
+    ensemble.zero_grad()
+    compiled = torch.compile(ensemble.evaluate)(obs, actions)
+    compiled.sum().backward()
+    torch.testing.assert_close(compiled, eager)
+    for p, grad in zip(ensemble.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, grad)
+
+
 def test_ensemble_forward_is_evaluate_with_one_action():
     torch.manual_seed(0)
     ensemble = EnsembleMLP(OBS_DIM, ACT_DIM, (8, 8), num_members=3)
