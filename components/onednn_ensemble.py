@@ -61,6 +61,7 @@ class ReluEnsembleOneDNN(torch.autograd.Function):
         return q
 
     @staticmethod
+    @torch.compiler.disable  # also when a compiled region (compiled autograd) runs the backward
     def backward(ctx, grad_q: torch.Tensor):
         depth, members = ctx.depth, ctx.members
         rows, *rest = ctx.saved_tensors
