@@ -1,7 +1,7 @@
 """Process-wide tuning of glibc's malloc for training with large activation tensors.
 
-A CQL update allocates and frees activation buffers of ~16 MB (both critics, 3N+1 actions per
-state) several times per step. glibc serves requests above its mmap threshold with a fresh
+A CQL update allocates and frees activation buffers of 8-16 MB (B(3N+1) rows of 256 floats, per
+critic or for both) several times per step. glibc serves requests above its mmap threshold with a fresh
 `mmap` and returns them with `munmap` on free, and it hands freed memory at the top of the heap
 back to the kernel once more than the trim threshold is free. Either way the next step touches
 new pages: every 4 KiB page of every buffer page-faults and is zeroed by the kernel, each step.

@@ -2,7 +2,7 @@
 
 `make_actor` returns a `ProbabilisticActor` over a `TanhNormal`; `make_critics` returns one
 `ValueOperator` wrapping a twin-critic ensemble with stacked parameters, so both critics are
-evaluated by one batched matmul per layer instead of two separate networks.
+evaluated in one call (see `EnsembleMLP`) instead of as two separate networks.
 """
 
 from __future__ import annotations
