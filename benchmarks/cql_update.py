@@ -4,8 +4,9 @@ Run from the repository root:
     python benchmarks/cql_update.py [--quick] [--compile] [--profile 20] [--threads 1] [--omp-passive]
 
 Everything runs in one process on the same synthetic data (a `ReplayBuffer` over a
-`LazyTensorStorage` of ~100k transitions in TorchRL layout). Our update, torchrl's and the sgemm
-reference are timed in interleaved rounds, so that a slow spell of a shared machine hits all of
+`LazyTensorStorage` of ~100k transitions in TorchRL layout), after
+`components.allocator.keep_freed_memory()` (opt out: `CQLSAC_MALLOC_TUNING=0`). Our update,
+torchrl's and the GEMM references are timed in interleaved rounds, so that a slow spell of a shared machine hits all of
 them alike. torchrl's `CQLLoss` is built as its sota-implementations/cql example builds it
 (TanhNormal `ProbabilisticActor`, `ValueOperator` MLP on cat(obs, action), twin critics by vmap)
 and configured like ours: N random actions, MSE TD loss, soft backup, CQL weight 5, no Lagrange,
@@ -18,7 +19,7 @@ prints the load average; compare runs with `--threads 1` or `--omp-passive` when
 
 The last two lines are for scripts:
     speedup_vs_torchrl_eager: X      (our updates/s / torchrl CQLLoss eager updates/s)
-    fraction_of_sgemm_limit: Y       (FLOPs per update * our updates/s / measured sgemm FLOP/s)
+    fraction_of_sgemm_limit: Y       (FLOPs per update * our updates/s / faster measured sgemm FLOP/s)
 
 Two float32 GEMM references of the same shape are timed: `torch.matmul` (MKL on x86 CPUs) and,
 on CPU where torch has it, oneDNN's fp32 matmul (`torch.ops.mkldnn._linear_pointwise`, which our
