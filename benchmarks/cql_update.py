@@ -85,7 +85,8 @@ from torchrl.objectives import CQLLoss, SoftUpdate  # noqa: E402
 
 from cqlsac.components.allocator import ENV_SWITCH, keep_freed_memory  # noqa: E402
 from cqlsac.components.cql_loss import CQLSACLoss, LossConfig  # noqa: E402
-from cqlsac.components.networks import NetworkConfig, make_actor, make_critics  # noqa: E402
+from cqlsac.components import onednn_ensemble  # noqa: E402
+from cqlsac.components.networks import EnsembleMLP, NetworkConfig, make_actor, make_critics  # noqa: E402
 from cqlsac.components.update import OptimConfig, make_optimizer, polyak_update, update_step  # noqa: E402
 
 GAMMA, TAU, CQL_WEIGHT = 0.99, 0.005, 5.0
@@ -518,6 +519,9 @@ def main(argv=None):
     malloc_tuned = keep_freed_memory()
     print(f"malloc tuning (components.allocator.keep_freed_memory): {'on' if malloc_tuned else 'off'}"
           f" | {ENV_SWITCH}={os.environ.get(ENV_SWITCH, 'unset')}")
+    probe = torch.zeros(1, 1, device=device)
+    onednn = EnsembleMLP.use_onednn and onednn_ensemble.available_for(probe, [probe], torch.nn.ReLU())
+    print(f"critic ensemble matmuls: {'oneDNN fp32 (components/onednn_ensemble.py)' if onednn else 'torch.baddbmm'}")
     t_run = time.perf_counter()
 
     rb = synthetic_buffer(args)
