@@ -4,8 +4,9 @@ Run from the repository root:
     python benchmarks/cql_update.py [--quick] [--compile] [--profile 20] [--threads 1] [--omp-passive]
 
 Everything runs in one process on the same synthetic data (a `ReplayBuffer` over a
-`LazyTensorStorage` of ~100k transitions in TorchRL layout). Our update, torchrl's and the sgemm
-reference are timed in interleaved rounds, so that a slow spell of a shared machine hits all of
+`LazyTensorStorage` of ~100k transitions in TorchRL layout), after
+`components.allocator.keep_freed_memory()` (opt out: `CQLSAC_MALLOC_TUNING=0`). Our update,
+torchrl's and the GEMM references are timed in interleaved rounds, so that a slow spell of a shared machine hits all of
 them alike. torchrl's `CQLLoss` is built as its sota-implementations/cql example builds it
 (TanhNormal `ProbabilisticActor`, `ValueOperator` MLP on cat(obs, action), twin critics by vmap)
 and configured like ours: N random actions, MSE TD loss, soft backup, CQL weight 5, no Lagrange,
@@ -18,7 +19,14 @@ prints the load average; compare runs with `--threads 1` or `--omp-passive` when
 
 The last two lines are for scripts:
     speedup_vs_torchrl_eager: X      (our updates/s / torchrl CQLLoss eager updates/s)
-    fraction_of_sgemm_limit: Y       (FLOPs per update * our updates/s / measured sgemm FLOP/s)
+    fraction_of_sgemm_limit: Y       (FLOPs per update * our updates/s / faster measured sgemm FLOP/s)
+
+Two float32 GEMM references of the same shape are timed: `torch.matmul` (MKL on x86 CPUs) and,
+on CPU where torch has it, oneDNN's fp32 matmul (`torch.ops.mkldnn._linear_pointwise`, which our
+critic ensemble uses). On the AMD EPYC development machine MKL runs AVX2 code and oneDNN AVX-512,
+about 2x apart. The limit and the fraction use the faster of the two, so that a faster GEMM
+library in our update cannot make the fraction look better than it is; the table also shows the
+fraction against `torch.matmul` alone.
 
 FLOPs per update (counted from the shapes, matmuls only; element-wise work is ignored)
 --------------------------------------------------------------------------------------
@@ -32,22 +40,25 @@ the input gradient (dX = dY W^T) and the weight gradient (dW = X^T dY). Hence pe
 Notation: B batch, o obs dim, a act dim, N actions per CQL set, E critics (2),
 actor sizes o -> h1 -> ... -> 2a, critic sizes (o + a) -> h1 -> ... -> 1.
 
-  actor, one call on cat(s, s') = 2B rows, gradient to the weights:
-      2 * 2B * [2 * o*h1 + 3 * (h1*h2 + ... + h_last*2a)]
-      (first layer x2: its input is data; the s'-half also gets a zero gradient, the backward
-      matmul still covers all 2B rows)
+  actor, a call at s (B rows, gradient to the weights) and a no-grad call at s' (B rows):
+      2 * B * [2 * o*h1 + 3 * (h1*h2 + ... + h_last*2a)] + 2 * B * [o*h1 + h1*h2 + ... + h_last*2a]
+      (first layer x2: its input is data)
   fused critic call, E members, at s for the data action and 3N sampled actions, gradient to the
-  weights only (all actions are detached); `EnsembleMLP` computes the observation part of the
-  first layer once per state (B rows) and the action part for B(3N+1) rows:
+  weights only (all actions are detached); the observation part of the first layer is counted
+  once per state (B rows), the action part for B(3N+1) rows:
       2 * E * [2 * B*o*h1 + 2 * B(3N+1)*a*h1 + 3 * B(3N+1) * (h1*h2 + ... + h_last*1)]
   actor-loss critic call, B rows, detached weights, gradient to the action only:
       2 * E * [1 * B*o*h1 + 2 * B*a*h1 + 2 * B * (h1*h2 + ... + h_last*1)]
   target critic call, B rows, one next action (no max-Q backup), no grad:
       2 * E * [B*(o+a)*h1 + B * (h1*h2 + ... + h_last*1)]
 In SAC mode (cql_weight = 0) the fused call shrinks to the data action, K = 1 instead of 3N+1.
-At the defaults (B 256, h 256, o 11, a 3, N 10, E 2) this is 6.74 GFLOP per CQL update,
+The formula counts the work the update needs. `EnsembleMLP` does slightly more (~0.2 GFLOP): its
+first layer multiplies the whole (s, a) row of every action, because one K = o + a matmul is faster
+here than a state part, an action part and a broadcast add; that extra is not counted, so the
+fraction below is, if anything, understated.
+At the defaults (B 256, h 256, o 11, a 3, N 10, E 2) this is 6.67 GFLOP per CQL update,
 dominated by the 256x256 critic layer on B(3N+1) = 7,936 rows per member, which is why the
-sgemm reference is (7936 x 256) @ (256 x 256).
+sgemm references are (7936 x 256) @ (256 x 256).
 """
 
 from __future__ import annotations
@@ -72,8 +83,10 @@ from torchrl.data import Bounded, LazyTensorStorage, ReplayBuffer, Unbounded  # 
 from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator  # noqa: E402
 from torchrl.objectives import CQLLoss, SoftUpdate  # noqa: E402
 
+from cqlsac.components.allocator import ENV_SWITCH, keep_freed_memory  # noqa: E402
 from cqlsac.components.cql_loss import CQLSACLoss, LossConfig  # noqa: E402
-from cqlsac.components.networks import NetworkConfig, make_actor, make_critics  # noqa: E402
+from cqlsac.components import onednn_ensemble  # noqa: E402
+from cqlsac.components.networks import EnsembleMLP, NetworkConfig, make_actor, make_critics  # noqa: E402
 from cqlsac.components.update import OptimConfig, make_optimizer, polyak_update, update_step  # noqa: E402
 
 GAMMA, TAU, CQL_WEIGHT = 0.99, 0.005, 5.0
@@ -299,6 +312,16 @@ def matmul_fn(shape_a, shape_b, device):
     return (lambda k: torch.matmul(a, b, out=out)), 2 * out.numel() * a.shape[-1]
 
 
+def onednn_matmul_fn(shape_a, shape_b, device):
+    """Like `matmul_fn` with oneDNN's fp32 matmul (CPU builds with oneDNN); None where unavailable."""
+    linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if device.type != "cpu" or linear is None or not torch.backends.mkldnn.is_available():
+        return None, 0
+    a = torch.randn(*shape_a)
+    b_t = torch.randn(*shape_b).t()  # linear computes a @ b_t.T
+    return (lambda k: linear(a, b_t, None, "none", [], "")), 2 * shape_a[0] * shape_a[1] * shape_b[1]
+
+
 def sgemm_gflops(shape_a, shape_b, device, seconds, sync) -> float:
     """GFLOP/s of torch.matmul for float32 operands of these shapes."""
     fn, flops = matmul_fn(shape_a, shape_b, device)
@@ -320,7 +343,7 @@ def flops_per_update(batch, obs, act, hidden, num_actions, num_critics=2, cql=Tr
     rows = batch * k
     e = num_critics
     return {
-        "actor (2B rows, grad to weights)": 2 * (2 * batch) * (2 * obs * h[0] + 3 * actor_rest),
+        "actor (B rows with grad, B without)": 2 * batch * (3 * obs * h[0] + 4 * actor_rest),
         f"fused critic ({k} actions/state)": 2 * e * (2 * batch * obs * h[0] + 2 * rows * act * h[0]
                                                       + 3 * rows * critic_rest),
         "actor-loss critic (grad to action)": 2 * e * (batch * obs * h[0] + 2 * batch * act * h[0]
@@ -389,10 +412,18 @@ def measure_updates(args, device, sync, rb) -> dict:
         fns["compiled"], res["compile_seconds"] = compiled_update(args, device, pool, sync)
     # The sgemm reference runs in the same rounds, so that the fraction compares like with like.
     rows = args.batch * (3 * args.num_actions + 1)
-    fns["sgemm"], mm_flops = matmul_fn((rows, args.hidden), (args.hidden, args.hidden), device)
-    rates = interleaved_rates(fns, (len(fns) - 0.75) * args.seconds, args.warmup, sync, shares={"sgemm": 0.25})
+    shape_a, shape_b = (rows, args.hidden), (args.hidden, args.hidden)
+    fns["sgemm"], mm_flops = matmul_fn(shape_a, shape_b, device)
+    onednn_fn, onednn_flops = onednn_matmul_fn(shape_a, shape_b, device)
+    if onednn_fn is not None:
+        fns["sgemm_onednn"] = onednn_fn
+    shares = {"sgemm": 0.25, "sgemm_onednn": 0.25}
+    total = sum(shares.get(name, 1.0) for name in fns) * args.seconds
+    rates = interleaved_rates(fns, total, args.warmup, sync, shares=shares)
     res.update({name: rate.per_s for name, rate in rates.items()})
     res["sgemm"] = mm_flops * rates["sgemm"].per_s / 1e9  # GFLOP/s
+    res["sgemm_onednn"] = onednn_flops * rates["sgemm_onednn"].per_s / 1e9 if onednn_fn is not None else None
+    res["sgemm_best"] = max(res["sgemm"], res["sgemm_onednn"] or 0.0)
     del trl, trl_opt, trl_updater, torchrl_pool
 
     sac, sac_opt = make_ours(args, device, cql_weight=0.0)
@@ -433,7 +464,7 @@ def row(name, value, unit=""):
 
 
 def print_table(args, res, flops, sac_flops):
-    ours, sgemm, flops_total = res["ours"], res["sgemm"] * 1e9, sum(flops.values())
+    ours, sgemm, flops_total = res["ours"], res["sgemm_best"] * 1e9, sum(flops.values())
     rows = args.batch * (3 * args.num_actions + 1)
     print()
     print(f"| {'measurement':<58} | {'value':>10} | {'unit':<18} |")
@@ -452,12 +483,16 @@ def print_table(args, res, flops, sac_flops):
     for part, f in flops.items():
         row(f"5. FLOPs: {part}", f"{f / 1e9:.3f}", "GFLOP")
     row("   FLOPs per CQL update", f"{flops_total / 1e9:.3f}", "GFLOP")
-    row(f"   sgemm ({rows}x{args.hidden})@({args.hidden}x{args.hidden}), timed with 1-2", f"{res['sgemm']:.1f}", "GFLOP/s")
+    row(f"   sgemm ({rows}x{args.hidden})@({args.hidden}x{args.hidden}), torch.matmul, timed with 1-2",
+        f"{res['sgemm']:.1f}", "GFLOP/s")
+    if res["sgemm_onednn"] is not None:
+        row("   the same, oneDNN fp32 matmul, timed with 1-2", f"{res['sgemm_onednn']:.1f}", "GFLOP/s")
     for name, g in res["gemm"].items():
         row(f"   {name}", f"{g:.1f}", "GFLOP/s")
-    row("   arithmetic limit (FLOPs / sgemm)", f"{sgemm / flops_total:.2f}", "updates/s")
+    row("   arithmetic limit (FLOPs / faster sgemm)", f"{sgemm / flops_total:.2f}", "updates/s")
     row("   achieved: FLOPs x updates/s", f"{flops_total * ours / 1e9:.1f}", "GFLOP/s")
-    row("   fraction of sgemm limit", f"{flops_total * ours / sgemm:.3f}", "")
+    row("   fraction of sgemm limit (faster sgemm)", f"{flops_total * ours / sgemm:.3f}", "")
+    row("   fraction of the torch.matmul sgemm limit", f"{flops_total * ours / (res['sgemm'] * 1e9):.3f}", "")
     row("6. ours, SAC mode (cql_weight=0)", f"{res['sac']:.2f}", "updates/s")
     row("   SAC mode fraction of sgemm limit", f"{sac_flops * res['sac'] / sgemm:.3f}",
         f"({sac_flops / 1e9:.2f} GFLOP/update)")
@@ -481,6 +516,12 @@ def main(argv=None):
           f"N {args.num_actions}, {args.seconds:g} s per measurement, warmup {args.warmup}"
           + (" (quick)" if args.quick else ""))
     print(f"{load_note(cores)} | OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+    malloc_tuned = keep_freed_memory()
+    print(f"malloc tuning (components.allocator.keep_freed_memory): {'on' if malloc_tuned else 'off'}"
+          f" | {ENV_SWITCH}={os.environ.get(ENV_SWITCH, 'unset')}")
+    probe = torch.zeros(1, 1, device=device)
+    onednn = EnsembleMLP.use_onednn and onednn_ensemble.available_for(probe, [probe], torch.nn.ReLU())
+    print(f"critic ensemble matmuls: {'oneDNN fp32 (components/onednn_ensemble.py)' if onednn else 'torch.baddbmm'}")
     t_run = time.perf_counter()
 
     rb = synthetic_buffer(args)
@@ -498,7 +539,7 @@ def main(argv=None):
         profile_ours(*res["profile_target"], args.profile, args.warmup)
 
     print(f"speedup_vs_torchrl_eager: {res['ours'] / res['torchrl']:.3f}")
-    print(f"fraction_of_sgemm_limit: {sum(flops.values()) * res['ours'] / (res['sgemm'] * 1e9):.3f}")
+    print(f"fraction_of_sgemm_limit: {sum(flops.values()) * res['ours'] / (res['sgemm_best'] * 1e9):.3f}")
 
 
 def compiled_update(args, device, pool, sync):

@@ -208,12 +208,11 @@ class CQLSACLoss(LossModule):
         obs = tensordict.get(keys.observation)
         data_action = tensordict.get(keys.action)
         next_obs = tensordict.get(("next", keys.observation))
-        batch = obs.shape[0]
         alpha = self.log_alpha.exp()
 
-        loc, scale = self.policy_params(torch.cat([obs, next_obs]))
-        loc_s, loc_next = loc.split(batch)
-        scale_s, scale_next = scale.split(batch)
+        loc_s, scale_s = self.policy_params(obs)
+        with torch.no_grad():  # s' only feeds the TD target and the CQL samples: no backward through it
+            loc_next, scale_next = self.policy_params(next_obs)
 
         # Actor and temperature (spec section 3). The critic is evaluated with detached weights.
         action_pi, log_pi = self.squashed_sample(loc_s, scale_s, noise["actor"])

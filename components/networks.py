@@ -2,7 +2,7 @@
 
 `make_actor` returns a `ProbabilisticActor` over a `TanhNormal`; `make_critics` returns one
 `ValueOperator` wrapping a twin-critic ensemble with stacked parameters, so both critics are
-evaluated by one batched matmul per layer instead of two separate networks.
+evaluated in one call (see `EnsembleMLP`) instead of as two separate networks.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from tensordict.nn import InteractionType, NormalParamExtractor, TensorDictModul
 from torch import nn
 from torchrl.data import Bounded, TensorSpec
 from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
+
+from cqlsac.components import onednn_ensemble
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "silu": nn.SiLU}
 
@@ -75,9 +77,13 @@ def make_actor(observation_spec: TensorSpec, action_spec: TensorSpec, cfg: Netwo
 class EnsembleMLP(nn.Module):
     """`num_members` independent MLPs Q(s, a) whose weights are stacked along a leading dim.
 
-    The first layer is split into an observation part and an action part, so a state shared by
-    many actions (the CQL action sets) is multiplied once. Output: `[*batch, num_members]`.
+    Weights are `[num_members, fan_in, fan_out]`, biases `[num_members, 1, fan_out]`. All members
+    are evaluated in one call on the same (s, a) rows: on CPU in float32 with ReLU through oneDNN
+    (`onednn_ensemble`, ~2x faster matmuls here; `use_onednn = False` turns it off), otherwise one
+    batched matmul per hidden layer. Output: `[*batch, num_members]`.
     """
+
+    use_onednn: bool = True
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...], num_members: int,
                  activation: type[nn.Module] = nn.ReLU):
@@ -96,7 +102,8 @@ class EnsembleMLP(nn.Module):
                 nn.init.uniform_(bias[member], -bound, bound)
             self.weights.append(nn.Parameter(weight))
             self.biases.append(nn.Parameter(bias))
-        self.activation = activation()
+        # ReLU's backward reads its output, not its input, so it may overwrite the matmul's output.
+        self.activation = activation(inplace=True) if activation is nn.ReLU else activation()
 
     def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """Q of every member for matching leading dims of `observation` and `action`."""
@@ -112,19 +119,18 @@ class EnsembleMLP(nn.Module):
         biases = list(self.biases) if biases is None else biases
         batch_shape = observation.shape[:-1]
         num_actions = actions.shape[-2]
-        obs = observation.reshape(1, -1, self.obs_dim)  # [1, S, obs]
-        act = actions.reshape(1, -1, actions.shape[-1])  # [1, S*K, act]
-        first_w = weights[0]
-        # [E, S, H] + [E, S*K, H]: the state part is computed once per state.
-        h_obs = torch.matmul(obs, first_w[:, : self.obs_dim]) + biases[0]
-        h_act = torch.matmul(act, first_w[:, self.obs_dim:])
-        hidden = h_act.unflatten(1, (-1, num_actions)) + h_obs.unsqueeze(2)
-        hidden = self.activation(hidden).flatten(1, 2)
-        for layer, (w, b) in enumerate(zip(weights[1:], biases[1:]), start=1):
-            hidden = torch.baddbmm(b, hidden, w)
-            if layer < len(weights) - 1:
-                hidden = self.activation(hidden)
-        q = hidden.squeeze(-1)  # [E, S*K]
+        # One row (s, a) per state and action, shared by all members: [S*K, obs+act].
+        rows = torch.cat([observation.unsqueeze(-2).expand(*actions.shape[:-1], self.obs_dim), actions], -1)
+        rows = rows.reshape(-1, rows.shape[-1])
+        if self.use_onednn and onednn_ensemble.available_for(rows, weights, self.activation):
+            q = onednn_ensemble.ensemble_q(rows, weights, biases)  # [E, S*K]
+        else:
+            hidden = rows.expand(self.num_members, -1, -1)  # [E, S*K, obs+act], a view
+            for w, b in zip(weights[:-1], biases[:-1]):
+                hidden = self.activation(torch.baddbmm(b, hidden, w))
+            # The `fan_in -> 1` output layer as a dot product per row: faster than a batched
+            # matrix-vector matmul here, forward and backward.
+            q = torch.linalg.vecdot(hidden, weights[-1].transpose(-1, -2)) + biases[-1].squeeze(-1)  # [E, S*K]
         return q.movedim(0, -1).reshape(*batch_shape, num_actions, self.num_members)
 
 

@@ -31,7 +31,8 @@ class OptimConfig:
 def make_optimizer(loss: CQLSACLoss, cfg: OptimConfig) -> torch.optim.Adam:
     """One Adam over four parameter groups (actor, critics, temperature, alpha').
 
-    The same as four separate Adams, because Adam's update is per parameter.
+    The same as four separate Adams, because Adam's update is per parameter. `fused=True` updates
+    all parameters in one kernel per step instead of ~10 small ops per parameter (CPU and CUDA).
     """
     groups = [
         {"params": list(loss.actor_network.parameters()), "lr": cfg.actor_lr},
@@ -40,7 +41,7 @@ def make_optimizer(loss: CQLSACLoss, cfg: OptimConfig) -> torch.optim.Adam:
     ]
     if loss.cfg.lagrange:
         groups.append({"params": [loss.log_alpha_prime], "lr": cfg.alpha_prime_lr})
-    return torch.optim.Adam(groups)
+    return torch.optim.Adam(groups, fused=True)
 
 
 @torch.no_grad()

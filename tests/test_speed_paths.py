@@ -1,0 +1,148 @@
+"""The fast paths of the update compute what the plain ones do (no timing here: see benchmarks/)."""
+
+import copy
+import platform
+
+import pytest
+import torch
+from torch import nn
+
+from torchrl.data import Bounded, Unbounded
+
+from cqlsac.components.allocator import ENV_SWITCH, keep_freed_memory
+from cqlsac.components.cql_loss import CQLSACLoss, LossConfig
+from cqlsac.components.networks import EnsembleMLP, NetworkConfig, make_actor, make_critics
+from cqlsac.components.onednn_ensemble import available_for
+from cqlsac.components.update import OptimConfig, make_optimizer
+
+OBS_DIM, ACT_DIM, BATCH, NUM_ACTIONS = 5, 2, 4, 3
+
+
+def plain_q(ensemble: EnsembleMLP, obs, actions, activation):
+    """Q[b, k, e] member by member, state by state, action by action, one vector-matrix product per layer."""
+    layers = list(zip(ensemble.weights, ensemble.biases))
+    out = torch.empty(obs.shape[0], actions.shape[1], ensemble.num_members, dtype=obs.dtype)
+    for e in range(ensemble.num_members):
+        for b in range(obs.shape[0]):
+            for k in range(actions.shape[1]):
+                x = torch.cat([obs[b], actions[b, k]])
+                for depth, (w, bias) in enumerate(layers):
+                    x = x @ w[e] + bias[e, 0]
+                    if depth < len(layers) - 1:
+                        x = activation(x)
+                out[b, k, e] = x[0]
+    return out
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU, nn.Tanh])
+def test_ensemble_values_and_gradients_match_a_plain_loop(activation):
+    torch.manual_seed(0)
+    ensemble = EnsembleMLP(OBS_DIM, ACT_DIM, (7, 6), num_members=2, activation=activation).double()
+    reference = copy.deepcopy(ensemble)
+    obs = torch.randn(BATCH, OBS_DIM, dtype=torch.float64)
+    actions = torch.randn(BATCH, NUM_ACTIONS, ACT_DIM, dtype=torch.float64, requires_grad=True)
+    actions_ref = actions.detach().clone().requires_grad_()
+    weight = torch.randn(BATCH, NUM_ACTIONS, 2, dtype=torch.float64)  # a generic downstream gradient
+
+    got = ensemble.evaluate(obs, actions)
+    expected = plain_q(reference, obs, actions_ref, activation())
+    torch.testing.assert_close(got, expected)
+    (got * weight).sum().backward()
+    (expected * weight).sum().backward()
+    torch.testing.assert_close(actions.grad, actions_ref.grad)
+    for p, p_ref in zip(ensemble.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("hidden", [(16, 16), (9, 7, 5)])
+@pytest.mark.parametrize("detached_weights", [False, True])
+def test_onednn_float32_path_matches_a_float64_plain_loop(hidden, detached_weights):
+    torch.manual_seed(0)
+    ensemble = EnsembleMLP(OBS_DIM, ACT_DIM, hidden, num_members=2)
+    reference = copy.deepcopy(ensemble).double()
+    obs = torch.randn(BATCH, OBS_DIM)
+    actions = torch.randn(BATCH, NUM_ACTIONS, ACT_DIM, requires_grad=True)
+    actions_ref = actions.detach().double().requires_grad_()
+    weight = torch.randn(BATCH, NUM_ACTIONS, 2)
+    assert available_for(obs, list(ensemble.weights), ensemble.activation)
+    if detached_weights:  # as in the actor loss: gradient to the actions only
+        got = ensemble.evaluate(obs, actions, [w.detach() for w in ensemble.weights],
+                                [b.detach() for b in ensemble.biases])
+    else:
+        got = ensemble.evaluate(obs, actions)
+    expected = plain_q(reference, obs.double(), actions_ref, nn.ReLU())
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    (got * weight).sum().backward()
+    (expected * weight.double()).sum().backward()
+    torch.testing.assert_close(actions.grad.double(), actions_ref.grad, rtol=1e-5, atol=1e-5)
+    for p, p_ref in zip(ensemble.parameters(), reference.parameters()):
+        if detached_weights:
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad.double(), p_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_path_only_where_it_applies():
+    ensemble = EnsembleMLP(OBS_DIM, ACT_DIM, (8,), num_members=2)
+    rows = torch.randn(3, OBS_DIM + ACT_DIM)
+    assert not available_for(rows.double(), [w.double() for w in ensemble.weights], ensemble.activation)
+    assert not available_for(rows, list(ensemble.weights), nn.Tanh())
+
+
+def test_compiled_ensemble_computes_what_eager_does():
+    torch.manual_seed(0)
+    ensemble = EnsembleMLP(OBS_DIM, ACT_DIM, (16, 16), num_members=2)
+    obs, actions = torch.randn(BATCH, OBS_DIM), torch.randn(BATCH, NUM_ACTIONS, ACT_DIM)
+    eager = ensemble.evaluate(obs, actions)
+    eager.sum().backward()
+    eager_grads = [p.grad.clone() for p in ensemble.parameters()]
+    ensemble.zero_grad()
+    compiled = torch.compile(ensemble.evaluate)(obs, actions)
+    compiled.sum().backward()
+    torch.testing.assert_close(compiled, eager)
+    for p, grad in zip(ensemble.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, grad)
+
+
+def test_ensemble_forward_is_evaluate_with_one_action():
+    torch.manual_seed(0)
+    ensemble = EnsembleMLP(OBS_DIM, ACT_DIM, (8, 8), num_members=3)
+    obs, action = torch.randn(BATCH, OBS_DIM), torch.randn(BATCH, ACT_DIM)
+    torch.testing.assert_close(ensemble(obs, action), ensemble.evaluate(obs, action.unsqueeze(1)).squeeze(1))
+
+
+def test_fused_adam_steps_like_the_plain_adam():
+    torch.manual_seed(0)
+    obs_spec, act_spec = Unbounded(shape=(OBS_DIM,)), Bounded(low=-1.0, high=1.0, shape=(ACT_DIM,))
+    net = NetworkConfig(actor_hidden=(8,), critic_hidden=(8, 8))
+    loss = CQLSACLoss(make_actor(obs_spec, act_spec, net), make_critics(obs_spec, act_spec, net), LossConfig())
+    twin = copy.deepcopy(loss)
+    cfg = OptimConfig()
+    fused = make_optimizer(loss, cfg)
+    plain = torch.optim.Adam([{"params": group["params"], "lr": group["lr"]} for group in make_optimizer(twin, cfg).param_groups],
+                             foreach=False)
+    params, twin_params = list(loss.parameters()), list(twin.parameters())
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, g in zip(params, twin_params, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        plain.step()
+    for p, q in zip(params, twin_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_malloc_tuning_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv(ENV_SWITCH, "0")
+    assert keep_freed_memory() is False
+
+
+def test_malloc_tuning_reports_whether_it_applied(monkeypatch):
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    applied = keep_freed_memory()
+    assert isinstance(applied, bool)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert applied
+    # Allocation still works after the change.
+    assert torch.ones(8 << 20).sum().item() == 8 << 20
