@@ -10,6 +10,9 @@ with the bias and ReLU fused into the forward call. The backward is written out,
 op has no autograd formula: per member, dW = h^T g and dX = g W^T as oneDNN matmuls, the ReLU
 mask applied in place, and only the gradients that autograd asks for.
 
+One difference from `torch.relu`: the fused ReLU maps a NaN pre-activation to 0 instead of NaN,
+so NaN weights in a hidden layer reach Q one update later (through NaN gradients), not at once.
+
 `EnsembleMLP.evaluate` uses this when `available_for(...)` holds (CPU, float32, ReLU, oneDNN
 present) and falls back to `torch.baddbmm` otherwise (CUDA, float64, other activations).
 """

@@ -205,7 +205,7 @@ def load_transitions(dataset_id: str, gamma: float = 0.99, download: bool = Fals
     return transitions, info
 
 
-def load_offline_replay(dataset_id: str, batch_size: int, gamma: float = 0.99, download: bool = False,
+def load_offline_replay(dataset_id: str, batch_size: int | None, gamma: float = 0.99, download: bool = False,
                         cache_dir: str | os.PathLike | None = None,
                         device: str | torch.device = "cpu") -> tuple[ReplayBuffer, DatasetInfo]:
     """A uniform-sampling TorchRL replay buffer over a dataset's transitions (see `load_transitions`).

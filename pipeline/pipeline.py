@@ -21,8 +21,9 @@ import torch
 from tensordict import TensorDict
 from torchrl.record.loggers import CSVLogger, TensorboardLogger
 
-from cqlsac.components.cql_loss import CQLSACLoss, LossConfig
+from cqlsac.components.allocator import keep_freed_memory
 from cqlsac.components.collector import make_collector
+from cqlsac.components.cql_loss import CQLSACLoss, LossConfig
 from cqlsac.components.envs import make_env
 from cqlsac.components.networks import make_actor, make_critics
 from cqlsac.components.replay import MixedReplay, make_online_buffer
@@ -202,6 +203,7 @@ class Pipeline:
         With `resume`, an interrupted stage continues from its last in-stage checkpoint; otherwise
         it starts over. Between stages a stop signal ends the run (finished stages are kept).
         """
+        keep_freed_memory()  # process-wide: ~1.2x faster CQL updates (opt out: CQLSAC_MALLOC_TUNING=0)
         self.check_env()
         ensure_writable(self.run_dir, "output_dir")
         ensure_writable(Path(self.cfg.cache_dir), "cache_dir")
@@ -228,7 +230,7 @@ class Pipeline:
         return summary
 
     # --- data sources ---------------------------------------------------------------------
-    def offline_replay(self, batch_size: int):
+    def offline_replay(self, batch_size: int | None):
         dataset_id = self.cfg.dataset.name or self.outputs["dataset"]["dataset_id"]
         gamma = self.cfg.offline.loss.gamma
         replay, info = load_offline_replay(dataset_id, batch_size=batch_size, gamma=gamma)
@@ -326,15 +328,12 @@ def run_finetune(pipe: Pipeline, out: Path) -> dict:
     loss = pipe.new_agent(loss_cfg)
     load_agent(pipe.outputs["offline"]["agent"], loss)
     optimizer = make_optimizer(loss, cfg.offline.optim)
-    offline, _ = pipe.offline_replay(fcfg.batch_size)
+    offline, _ = pipe.offline_replay(None)  # MixedReplay asks for its own share of each batch
     keys = loss.in_keys + ["mc_return"] if "mc_return" not in loss.in_keys else loss.in_keys
-    initial = offline.storage[:].select(*keys) if fcfg.mixing == "merged" else None
-    online = make_online_buffer(fcfg.frames, initial)
-    if fcfg.mixing == "merged":
-        mixed = MixedReplay(offline, online, fcfg.batch_size, keys, start_fraction=0.0)
-    else:
-        end = fcfg.offline_fraction_end if fcfg.mixing == "annealed" else None
-        mixed = MixedReplay(offline, online, fcfg.batch_size, keys, fcfg.offline_fraction, end)
+    online = make_online_buffer(fcfg.frames)
+    end = fcfg.offline_fraction_end if fcfg.mixing == "annealed" else None
+    mixed = MixedReplay(offline, online, fcfg.batch_size, keys, fcfg.offline_fraction, end,
+                        merged=fcfg.mixing == "merged")
     accumulator = EpisodeAccumulator(loss_cfg.gamma, keys)
 
     def add(data):
@@ -343,7 +342,7 @@ def run_finetune(pipe: Pipeline, out: Path) -> dict:
             online.extend(completed)
 
     evals = [(0, pipe.outputs["offline"]["eval_return"])]
-    record = OnlineRecord(online, evals, accumulator, skip_rows=0 if initial is None else initial.shape[0])
+    record = OnlineRecord(online, evals, accumulator)
     supervisor = pipe.supervisor("finetune", "finetune", loss, optimizer, record)
     new_collector = pipe.collectors(loss.actor_network, fcfg.frames_per_batch, fcfg.frames, cfg.seed + 1)
 

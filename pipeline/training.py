@@ -285,24 +285,22 @@ class OnlineRecord:
 
     Replay rows are saved in chunks next to the training state, each checkpoint writing only the
     rows added since the last one, so checkpoints of a long run do not rewrite its whole buffer.
-    The first `skip_rows` rows of the buffer (the offline data of the "merged" mode) are rebuilt by
-    the stage itself, so they are not saved.
     """
 
-    def __init__(self, buffer, evals: list, accumulator: EpisodeAccumulator | None = None, skip_rows: int = 0):
-        self.buffer, self.evals, self.accumulator, self.skip_rows = buffer, evals, accumulator, skip_rows
+    def __init__(self, buffer, evals: list, accumulator: EpisodeAccumulator | None = None):
+        self.buffer, self.evals, self.accumulator = buffer, evals, accumulator
         self.chunks: list[str] = []  # file names of the saved rows, in order
         self.saved_rows = 0
 
     def state_dict(self, state_path: Path) -> dict:
         """Save the rows added since the last call as a chunk beside `state_path`; the rest as a dict."""
-        start, end = self.skip_rows + self.saved_rows, len(self.buffer)
+        start, end = self.saved_rows, len(self.buffer)
         if end > start:
             # A chunk written by a run that was killed before its state file is simply overwritten.
             name = f"{state_path.name.removesuffix(STATE_SUFFIX)}.rows-{self.saved_rows:010d}{STATE_SUFFIX}"
             atomic_torch_save(rows_state(self.buffer[start:end]), state_path.with_name(name))
             self.chunks.append(name)
-            self.saved_rows = end - self.skip_rows
+            self.saved_rows = end
         pending = self.accumulator.pending if self.accumulator is not None else []
         return {"chunks": list(self.chunks), "evals": list(self.evals),
                 "pending": rows_state(torch.cat(pending)) if pending else None}

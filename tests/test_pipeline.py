@@ -101,6 +101,16 @@ def test_mixed_replay_takes_an_exact_offline_share():
     assert empty_online.sample()["x"].sum().item() == 8
 
 
+def test_merged_mixing_samples_the_union_uniformly_without_copying_the_offline_data():
+    offline, online = constant_buffer(1, n=30), constant_buffer(0, n=10)
+    merged = MixedReplay(offline, online, batch_size=40, keys=["x"], merged=True)
+    assert merged.offline_fraction(0.0) == 0.75 and len(online) == 10  # 30 of the 40 rows of the union
+    torch.manual_seed(0)
+    offline_rows = sum(merged.sample()["x"].sum().item() for _ in range(400))
+    # 16,000 rows, each offline with p = 0.75: mean 12,000, standard deviation 55.
+    assert abs(offline_rows - 12_000) < 5 * 55
+
+
 def test_episode_accumulator_releases_whole_episodes_with_return_to_go():
     gamma = 0.5
     acc = EpisodeAccumulator(gamma, ["observation", ("next", "reward"), ("next", "done")])
@@ -136,8 +146,8 @@ def test_tiny_pipeline_runs_all_stages_and_reuses_finished_ones(workdir, capsys)
     assert (run_dir / "logs" / "scalars" / "offline" / "cql_gap.csv").is_file()
     assert PipelineConfig.from_yaml(run_dir / "config.yaml") == PipelineConfig.from_yaml(None, tiny(workdir))
 
-    # Only the fine-tuning setting changes: pretrain, dataset and offline are reused.
-    assert main(["run", *tiny(workdir, "finetune.offline_fraction=0.25", "finetune.sac_baseline=false")]) == 0
+    # Only the fine-tuning setting changes (to the merged mode): pretrain, dataset and offline are reused.
+    assert main(["run", *tiny(workdir, "finetune.mixing=merged", "finetune.sac_baseline=false")]) == 0
     out = capsys.readouterr().out
     second = json.loads((workdir / "runs" / out.strip().splitlines()[-1].rsplit("/", 1)[-1] / "summary.json").read_text())
     assert set(second["stage_seconds"]) == {"finetune", "evaluate"}
