@@ -165,17 +165,17 @@ def _file_sizes(folder: Path) -> dict[str, int]:
             if p.is_file() and p.name != STATS_FILE}
 
 
-def _cache_intact(folder: Path) -> bool:
-    """Whether a cache folder holds every file it was built with, at its size.
+def _intact_stats(folder: Path) -> dict | None:
+    """The stats of a cache folder that holds every file it was built with, at its size; else None.
 
     The cache is derived data, so a damaged one (a truncated memmap reads as zeros, silently) is
     rebuilt from the dataset rather than reported.
     """
     try:
         stats = json.loads((folder / STATS_FILE).read_text())
-        return stats.get("file_sizes") == _file_sizes(folder)
     except (OSError, ValueError):
-        return False
+        return None
+    return stats if stats.get("file_sizes") == _file_sizes(folder) else None
 
 
 def load_transitions(dataset_id: str, gamma: float = 0.99, download: bool = False,
@@ -191,11 +191,12 @@ def load_transitions(dataset_id: str, gamma: float = 0.99, download: bool = Fals
     data_path = Path(dataset.spec.data_path)
     key = hashlib.sha256(f"{CACHE_FORMAT}|{_fingerprint(data_path)}|{float(gamma)!r}".encode()).hexdigest()[:20]
     final = Path(cache_dir or default_cache_dir()) / "offline" / dataset_id / key
-    if not _cache_intact(final):
+    stats = _intact_stats(final)
+    if stats is None:
         shutil.rmtree(final, ignore_errors=True)
         _build_cache(dataset, gamma, final)
+        stats = json.loads((final / STATS_FILE).read_text())
     transitions = TensorDict.load_memmap(final)
-    stats = json.loads((final / STATS_FILE).read_text())
     metadata = MinariStorage.read_raw_metadata(data_path)
     info = DatasetInfo(
         dataset_id=dataset_id, observation_space=obs_space, action_space=act_space, env_spec=dataset.env_spec,

@@ -6,6 +6,7 @@ explode, saves periodic checkpoints and, on SIGINT/SIGTERM, saves one more and s
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import warnings
@@ -124,11 +125,13 @@ class Supervisor:
 
     def check(self, metrics: TensorDictBase, step: int) -> None:
         """Stop at a non-finite loss or Q-value; warn once when the mean Q-value passes the bound."""
-        values = {key: metrics[key] for key in WATCHED if key in metrics.keys()}
-        if not torch.isfinite(torch.stack(list(values.values()))).all():
-            bad = [key for key, value in values.items() if not torch.isfinite(value)]
+        # One host transfer for all watched values (a single device sync on CUDA).
+        keys = [key for key in WATCHED if key in metrics.keys()]
+        values = dict(zip(keys, torch.stack([metrics[key] for key in keys]).tolist()))
+        bad = [key for key, value in values.items() if not math.isfinite(value)]
+        if bad:
             self.diverged(f"{', '.join(bad)} became NaN/Inf at {self.unit} {step}")
-        q = values["q_data"].item()
+        q = values["q_data"]
         if self.q_exceeded_at is None and abs(q) > self.q_bound:
             self.q_exceeded_at = step
             warnings.warn(QValueWarning(
