@@ -274,19 +274,31 @@ def run_pretrain(pipe: Pipeline, out: Path) -> dict:
     return {"checkpoints": checkpoints, "replay": str(replay_path), "random_return": random_return}
 
 
+def pick_medium(checkpoints: list[dict], random_return: float, expert_return: float, level: float) -> dict:
+    """The medium behaviour policy, as D4RL made it: training stopped early at `level` of the way
+    from random to expert.
+
+    Among the checkpoints up to the first one that reaches that return, the one nearest to it. A
+    later checkpoint with that return is a trained policy that has collapsed for a while, which
+    covers the state space quite differently from a partly trained one.
+    """
+    target = random_return + level * (expert_return - random_return)
+    reached = next((i for i, c in enumerate(checkpoints) if c["return"] >= target), len(checkpoints) - 1)
+    return min(checkpoints[: reached + 1], key=lambda c: abs(c["return"] - target))
+
+
 def run_dataset(pipe: Pipeline, out: Path) -> dict:
     """D^beta from the pretrained behaviour policies, written as a Minari dataset (D4RL presets).
 
-    expert = the best pretrain checkpoint; medium = the checkpoint closest to `medium_level` of the
-    way from the random return to the expert's; medium-replay = the pretrain replay up to medium.
+    expert = the best pretrain checkpoint; medium = see `pick_medium`; medium-replay = the pretrain
+    replay up to medium.
     """
     cfg, dcfg, pretrain = pipe.cfg, pipe.cfg.dataset, pipe.outputs["pretrain"]
     env_slug = cfg.env.id.lower().replace("-", "_")
     dataset_id = f"cqlsac/{env_slug}/{dcfg.preset}_{pipe.stage_hash('dataset')[:8]}-v0"
     checkpoints = pretrain["checkpoints"]
     expert = max(checkpoints, key=lambda c: c["return"])
-    level = pretrain["random_return"] + dcfg.medium_level * (expert["return"] - pretrain["random_return"])
-    medium = min(checkpoints, key=lambda c: abs(c["return"] - level))
+    medium = pick_medium(checkpoints, pretrain["random_return"], expert["return"], dcfg.medium_level)
     common = dict(expert=expert["path"] if dcfg.reference_scores else None, seed=cfg.seed, overwrite=True)
     if dcfg.preset == "medium-replay":
         replay = TensorDict.load_memmap(pretrain["replay"])[: medium["frames"]]

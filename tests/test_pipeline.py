@@ -10,7 +10,7 @@ from torchrl.data import LazyTensorStorage, ReplayBuffer
 from cqlsac.components.replay import MixedReplay
 from cqlsac.pipeline.cli import main
 from cqlsac.pipeline.config import ConfigError, PipelineConfig
-from cqlsac.pipeline.pipeline import Pipeline
+from cqlsac.pipeline.pipeline import Pipeline, pick_medium
 from cqlsac.pipeline.training import EpisodeAccumulator
 
 TINY = [
@@ -87,6 +87,20 @@ def constant_buffer(value, n=50):
     buffer = ReplayBuffer(storage=LazyTensorStorage(n))
     buffer.extend(TensorDict({"x": torch.full((n, 1), float(value)), "extra": torch.zeros(n)}, [n]))
     return buffer
+
+
+def checkpoint_curve(*returns):
+    return [{"frames": 1000 * (i + 1), "return": r} for i, r in enumerate(returns)]
+
+
+def test_medium_is_the_policy_stopped_early_at_the_level_not_a_later_collapse():
+    # random -1000, expert -100, level 1/3: target return -700
+    curve = checkpoint_curve(-1300, -900, -650, -100, -120, -700)
+    assert pick_medium(curve, -1000.0, -100.0, 1 / 3)["frames"] == 3000  # -650 is nearer than -900
+    curve = checkpoint_curve(-1300, -760, -100, -700)  # the jump overshoots: -760 is nearer than -100
+    assert pick_medium(curve, -1000.0, -100.0, 1 / 3)["frames"] == 2000
+    curve = checkpoint_curve(-1300, -1100, -1000)  # never reached: the nearest of all
+    assert pick_medium(curve, -1000.0, -100.0, 1 / 3)["frames"] == 3000
 
 
 def test_mixed_replay_takes_an_exact_offline_share():
