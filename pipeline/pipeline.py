@@ -339,7 +339,7 @@ def run_finetune(pipe: Pipeline, out: Path) -> dict:
         calibrated=fcfg.calibrated or cfg.offline.loss.calibrated)
     loss = pipe.new_agent(loss_cfg)
     load_agent(pipe.outputs["offline"]["agent"], loss)
-    optimizer = make_optimizer(loss, cfg.offline.optim)
+    optimizer = make_optimizer(loss, fcfg.optim)
     offline, _ = pipe.offline_replay(None)  # MixedReplay asks for its own share of each batch
     keys = loss.in_keys + ["mc_return"] if "mc_return" not in loss.in_keys else loss.in_keys
     online = make_online_buffer(fcfg.frames)
@@ -362,7 +362,7 @@ def run_finetune(pipe: Pipeline, out: Path) -> dict:
         evals.append((frames, mean_return))
         pipe.logger.log_scalar("finetune/eval_return", mean_return, step=frames)
 
-    train_online(loss, optimizer, cfg.offline.optim.tau, new_collector, add=add, sample=mixed.sample,
+    train_online(loss, optimizer, fcfg.optim.tau, new_collector, add=add, sample=mixed.sample,
                  can_update=lambda frames: True, total_frames=fcfg.frames, utd_ratio=fcfg.utd_ratio,
                  evaluate=lambda: pipe.evaluate(loss.actor_network, fcfg.eval_episodes, cfg.evaluate.seed),
                  eval_every=fcfg.eval_every, on_eval=on_eval, log=pipe.log, supervisor=supervisor, desc="finetune")
