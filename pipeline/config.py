@@ -161,6 +161,10 @@ class PipelineConfig:
             raise ConfigError(f"q_value_bound must be positive, got {self.q_value_bound}")
         if self.logger not in ("csv", "tensorboard"):
             raise ConfigError(f"logger must be 'csv' or 'tensorboard', got {self.logger!r}")
+        finetune_weight = self.offline.loss.cql_weight if self.finetune.cql_weight is None else self.finetune.cql_weight
+        if self.finetune.calibrated and finetune_weight == 0:
+            raise ConfigError("finetune.calibrated: Cal-QL changes the CQL penalty, which finetune.cql_weight = 0 "
+                              "turns off; set finetune.cql_weight > 0 (or null to keep the offline weight)")
 
     # --- loading and saving -------------------------------------------------------------
     @classmethod

@@ -54,6 +54,7 @@ def test_yaml_round_trip_and_overrides(tmp_path):
     ("offline.loss.cql_weight=-1", "cql_weight=-1.0"),
     ("stages=[pretrain,train]", "unknown stage(s) ['train']"),
     ("seed", "must look like key=value"),
+    ("finetune.calibrated=true", "finetune.calibrated: Cal-QL changes the CQL penalty"),
 ])
 def test_bad_config_names_the_key(override, message):
     with pytest.raises(ConfigError) as err:
