@@ -274,17 +274,20 @@ def run_pretrain(pipe: Pipeline, out: Path) -> dict:
     return {"checkpoints": checkpoints, "replay": str(replay_path), "random_return": random_return}
 
 
-def pick_medium(checkpoints: list[dict], random_return: float, expert_return: float, level: float) -> dict:
+def pick_medium(checkpoints: list[dict], random_return: float, expert_return: float, level: float,
+                warmup_frames: int) -> dict:
     """The medium behaviour policy, as D4RL made it: training stopped early at `level` of the way
     from random to expert.
 
-    Among the checkpoints up to the first one that reaches that return, the one nearest to it. A
-    later checkpoint with that return is a trained policy that has collapsed for a while, which
-    covers the state space quite differently from a partly trained one.
+    Among the trained checkpoints up to the first one that reaches that return, the one nearest to
+    it. A later checkpoint with that return is a trained policy that has collapsed for a while,
+    which covers the state space quite differently from a partly trained one; a checkpoint within
+    the `warmup_frames` of random actions is the untrained network.
     """
+    trained = [c for c in checkpoints if c["frames"] > warmup_frames] or checkpoints
     target = random_return + level * (expert_return - random_return)
-    reached = next((i for i, c in enumerate(checkpoints) if c["return"] >= target), len(checkpoints) - 1)
-    return min(checkpoints[: reached + 1], key=lambda c: abs(c["return"] - target))
+    reached = next((i for i, c in enumerate(trained) if c["return"] >= target), len(trained) - 1)
+    return min(trained[: reached + 1], key=lambda c: abs(c["return"] - target))
 
 
 def run_dataset(pipe: Pipeline, out: Path) -> dict:
@@ -298,7 +301,8 @@ def run_dataset(pipe: Pipeline, out: Path) -> dict:
     dataset_id = f"cqlsac/{env_slug}/{dcfg.preset}_{pipe.stage_hash('dataset')[:8]}-v0"
     checkpoints = pretrain["checkpoints"]
     expert = max(checkpoints, key=lambda c: c["return"])
-    medium = pick_medium(checkpoints, pretrain["random_return"], expert["return"], dcfg.medium_level)
+    medium = pick_medium(checkpoints, pretrain["random_return"], expert["return"], dcfg.medium_level,
+                         cfg.pretrain.init_random_frames)
     common = dict(expert=expert["path"] if dcfg.reference_scores else None, seed=cfg.seed, overwrite=True)
     if dcfg.preset == "medium-replay":
         replay = TensorDict.load_memmap(pretrain["replay"])[: medium["frames"]]

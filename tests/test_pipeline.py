@@ -95,13 +95,20 @@ def checkpoint_curve(*returns):
 
 
 def test_medium_is_the_policy_stopped_early_at_the_level_not_a_later_collapse():
-    # random -1000, expert -100, level 1/3: target return -700
+    # random -1000, expert -100, level 1/3: target return -700; no warm-up
     curve = checkpoint_curve(-1300, -900, -650, -100, -120, -700)
-    assert pick_medium(curve, -1000.0, -100.0, 1 / 3)["frames"] == 3000  # -650 is nearer than -900
+    assert pick_medium(curve, -1000.0, -100.0, 1 / 3, 0)["frames"] == 3000  # -650 is nearer than -900
     curve = checkpoint_curve(-1300, -760, -100, -700)  # the jump overshoots: -760 is nearer than -100
-    assert pick_medium(curve, -1000.0, -100.0, 1 / 3)["frames"] == 2000
+    assert pick_medium(curve, -1000.0, -100.0, 1 / 3, 0)["frames"] == 2000
     curve = checkpoint_curve(-1300, -1100, -1000)  # never reached: the nearest of all
-    assert pick_medium(curve, -1000.0, -100.0, 1 / 3)["frames"] == 3000
+    assert pick_medium(curve, -1000.0, -100.0, 1 / 3, 0)["frames"] == 3000
+
+
+def test_medium_is_never_an_untrained_checkpoint_of_the_random_warm_up():
+    curve = checkpoint_curve(-800, -1200, -500, -100)  # the first two: warm-up, no update yet
+    assert pick_medium(curve, -1000.0, -100.0, 1 / 3, 2000)["frames"] == 3000
+    assert pick_medium(curve, -1000.0, -100.0, 1 / 3, 0)["frames"] == 1000
+    assert pick_medium(curve[:2], -1000.0, -100.0, 1 / 3, 2000)["frames"] == 1000  # only warm-up ones: all count
 
 
 def test_mixed_replay_takes_an_exact_offline_share():
