@@ -45,6 +45,7 @@ from cqlsac.pipeline.training import (
 )
 
 STAGE_SEED_OFFSET = {name: 1000 * i for i, name in enumerate(STAGES)}
+SAC_BASELINE_SEED_OFFSET = 1000 * len(STAGES)
 
 
 @dataclass(frozen=True)
@@ -378,8 +379,13 @@ def run_finetune(pipe: Pipeline, out: Path) -> dict:
 
 
 def run_sac_baseline(pipe: Pipeline, out: Path) -> list:
-    """SAC from scratch for the fine-tuning budget: the curve the fine-tuned agent is compared with."""
+    """SAC from scratch for the fine-tuning budget: the curve the fine-tuned agent is compared with.
+
+    Seeded on its own, so that its curve does not depend on how much randomness the fine-tuning
+    before it drew (which varies with the fine-tuning settings).
+    """
     cfg, fcfg = pipe.cfg, pipe.cfg.finetune
+    torch.manual_seed(cfg.seed + SAC_BASELINE_SEED_OFFSET)
     loss = pipe.new_agent(LossConfig(gamma=cfg.offline.loss.gamma, cql_weight=0.0))
     optimizer = make_optimizer(loss, cfg.pretrain.optim)
     buffer = make_online_buffer(fcfg.frames)

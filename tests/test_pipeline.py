@@ -1,6 +1,7 @@
 """The declarative pipeline: config loading, stage planning and caching, a tiny end-to-end run."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,13 +169,17 @@ def test_tiny_pipeline_runs_all_stages_and_reuses_finished_ones(workdir, capsys)
     assert (run_dir / "logs" / "scalars" / "offline" / "cql_gap.csv").is_file()
     assert PipelineConfig.from_yaml(run_dir / "config.yaml") == PipelineConfig.from_yaml(None, tiny(workdir))
 
-    # Only the fine-tuning setting changes (to the merged mode): pretrain, dataset and offline are reused.
-    assert main(["run", *tiny(workdir, "finetune.mixing=merged", "finetune.sac_baseline=false")]) == 0
+    # Only fine-tuning settings change (merged mode, the offline CQL weight kept): pretrain, dataset
+    # and offline are reused, and SAC from scratch, which they do not concern, learns the same curve.
+    assert main(["run", *tiny(workdir, "finetune.mixing=merged", "finetune.cql_weight=null")]) == 0
     out = capsys.readouterr().out
     second = json.loads((workdir / "runs" / out.strip().splitlines()[-1].rsplit("/", 1)[-1] / "summary.json").read_text())
     assert set(second["stage_seconds"]) == {"finetune", "evaluate"}
     assert "[offline] reusing" in out
     assert second["offline_eval_return"] == summary["offline_eval_return"]
+    baselines = [json.loads((Path(run["stage_outputs"]["finetune"]) / "outputs.json").read_text())["sac_baseline_evals"]
+                 for run in (summary, second)]
+    assert baselines[0] == baselines[1] and len(baselines[0]) == 2
 
 
 def test_same_seed_reproduces_the_same_numbers(workdir):
