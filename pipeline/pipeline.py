@@ -54,6 +54,9 @@ class Stage:
     inputs: tuple[str, ...]
     sections: Callable[[PipelineConfig], tuple]
     run: Callable[["Pipeline", Path], dict]
+    # Raised when the stage computes something else for the same config, so that outputs cached by
+    # older code are not reused (version 1 adds nothing to the cache key).
+    version: int = 1
 
 
 def atomic_json(path: Path, data: dict) -> None:
@@ -167,7 +170,8 @@ class Pipeline:
     def stage_hash(self, name: str) -> str:
         if name not in self._hashes:
             stage = STAGE_TABLE[name]
-            self._hashes[name] = config_hash(name, self.cfg.seed, *stage.sections(self.cfg),
+            versioned = name if stage.version == 1 else f"{name}-v{stage.version}"
+            self._hashes[name] = config_hash(versioned, self.cfg.seed, *stage.sections(self.cfg),
                                              *[self.stage_hash(i) for i in self.inputs_of(stage)])
         return self._hashes[name]
 
@@ -418,9 +422,12 @@ def run_evaluate(pipe: Pipeline, out: Path) -> dict:
 
 STAGE_TABLE = {
     "pretrain": Stage("pretrain", (), lambda c: (c.env, c.network, c.pretrain), run_pretrain),
-    "dataset": Stage("dataset", ("pretrain",), lambda c: (c.env, c.dataset), run_dataset),
+    # v2: the medium policy is stopped early (`pick_medium`).
+    "dataset": Stage("dataset", ("pretrain",), lambda c: (c.env, c.dataset), run_dataset, version=2),
     "offline": Stage("offline", ("dataset",), lambda c: (c.env, c.network, c.dataset, c.offline, c.evaluate),
                      run_offline),
-    "finetune": Stage("finetune", ("offline",), lambda c: (c.env, c.finetune, c.pretrain.optim), run_finetune),
+    # v2: SAC from scratch is seeded on its own.
+    "finetune": Stage("finetune", ("offline",), lambda c: (c.env, c.finetune, c.pretrain.optim), run_finetune,
+                      version=2),
     "evaluate": Stage("evaluate", ("finetune",), lambda c: (c.env, c.evaluate), run_evaluate),
 }

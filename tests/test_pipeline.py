@@ -1,5 +1,6 @@
 """The declarative pipeline: config loading, stage planning and caching, a tiny end-to-end run."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from torchrl.data import LazyTensorStorage, ReplayBuffer
 from cqlsac.components.replay import MixedReplay
 from cqlsac.pipeline.cli import main
 from cqlsac.pipeline.config import ConfigError, PipelineConfig
-from cqlsac.pipeline.pipeline import Pipeline, pick_medium
+from cqlsac.pipeline.pipeline import STAGE_TABLE, Pipeline, pick_medium
 from cqlsac.pipeline.training import EpisodeAccumulator
 
 TINY = [
@@ -82,6 +83,15 @@ def test_stage_hash_depends_only_on_its_inputs():
         assert base.stage_hash(stage) == changed.stage_hash(stage)
     for stage in ("finetune", "evaluate"):
         assert base.stage_hash(stage) != changed.stage_hash(stage)
+
+
+def test_a_new_stage_version_invalidates_that_stage_and_the_ones_after_it(monkeypatch):
+    base = Pipeline(PipelineConfig())
+    before = {name: base.stage_hash(name) for name in STAGE_TABLE}
+    offline = STAGE_TABLE["offline"]
+    monkeypatch.setitem(STAGE_TABLE, "offline", dataclasses.replace(offline, version=offline.version + 1))
+    after = Pipeline(PipelineConfig())
+    assert [name for name in STAGE_TABLE if after.stage_hash(name) != before[name]] == ["offline", "finetune", "evaluate"]
 
 
 # ---- replay mixing and online episodes ----------------------------------------------------
