@@ -2,6 +2,7 @@
 
 Run from the repository root:
     python benchmarks/cql_update.py [--quick] [--compile] [--profile 20] [--threads 1] [--omp-passive]
+    python benchmarks/cql_update.py --device cuda --compile --cudagraph [--batch 1024]
 
 Everything runs in one process on the same synthetic data (a `ReplayBuffer` over a
 `LazyTensorStorage` of ~100k transitions in TorchRL layout), after
@@ -87,7 +88,8 @@ from cqlsac.components.allocator import ENV_SWITCH, keep_freed_memory  # noqa: E
 from cqlsac.components.cql_loss import CQLSACLoss, LossConfig  # noqa: E402
 from cqlsac.components import onednn_ensemble  # noqa: E402
 from cqlsac.components.networks import EnsembleMLP, NetworkConfig, make_actor, make_critics  # noqa: E402
-from cqlsac.components.update import OptimConfig, make_optimizer, polyak_update, update_step  # noqa: E402
+from cqlsac.components.update import (  # noqa: E402
+    OptimConfig, cuda_graph_update, make_optimizer, polyak_update, update_step)
 
 GAMMA, TAU, CQL_WEIGHT = 0.99, 0.005, 5.0
 
@@ -104,6 +106,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed updates before each measurement")
     p.add_argument("--buffer-size", type=int, default=100_000)
     p.add_argument("--compile", action="store_true", help="also measure torch.compile of our update_step")
+    p.add_argument("--cudagraph", action="store_true",
+                   help="also measure our update recorded as a CUDA graph (components.update.cuda_graph_update); "
+                        "needs --device cuda")
     p.add_argument("--profile", type=int, default=0, metavar="K",
                    help="profile K of our updates with torch.profiler and print the top ops")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -113,6 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "at barriers, which keeps multi-threaded numbers sane when other processes share the cores")
     p.add_argument("--quick", action="store_true", help="~30 s run: short measurements, one collector batch")
     args = p.parse_args(argv)
+    if args.cudagraph and args.device != "cuda":
+        p.error("--cudagraph needs --device cuda (CUDA graphs record CUDA kernels)")
     if args.quick:
         args.seconds, args.warmup = min(args.seconds, 2.0), min(args.warmup, 2)
     return args
@@ -410,6 +417,10 @@ def measure_updates(args, device, sync, rb) -> dict:
     res = {"compile_seconds": None}
     if args.compile:
         fns["compiled"], res["compile_seconds"] = compiled_update(args, device, pool, sync)
+    if args.cudagraph:
+        graph_loss = make_ours(args, device)[0]
+        graphed = cuda_graph_update(graph_loss, make_optimizer(graph_loss, OptimConfig(tau=TAU), capturable=True), TAU)
+        fns["cudagraph"] = lambda k: graphed(pool[k % len(pool)])
     # The sgemm reference runs in the same rounds, so that the fraction compares like with like.
     rows = args.batch * (3 * args.num_actions + 1)
     shape_a, shape_b = (rows, args.hidden), (args.hidden, args.hidden)
@@ -472,6 +483,9 @@ def print_table(args, res, flops, sac_flops):
     row("1. ours: update_step (CQL, losses+backward+Adam+Polyak)", f"{ours:.2f}", "updates/s")
     row("2. torchrl CQLLoss eager (+Adam+SoftUpdate)", f"{res['torchrl']:.2f}", "updates/s")
     row("3. ratio ours / torchrl eager", f"{ours / res['torchrl']:.2f}", "x")
+    if "cudagraph" in res:
+        row("   ours, CUDA graph (cuda_graph_update)", f"{res['cudagraph']:.2f}", "updates/s")
+        row("   ours CUDA graph / ours eager", f"{res['cudagraph'] / ours:.2f}", "x")
     if res["compile_seconds"] is not None:
         row("   ours, torch.compile(update_step)", f"{res['compiled']:.2f}", "updates/s")
         row("   ours compiled / ours eager", f"{res['compiled'] / ours:.2f}", "x")

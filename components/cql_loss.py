@@ -219,11 +219,10 @@ class CQLSACLoss(LossModule):
         detached_w = [w.detach() for w in self.critic.weights]
         detached_b = [b.detach() for b in self.critic.biases]
         q_pi = self.critic.evaluate(obs, action_pi.unsqueeze(1), detached_w, detached_b).squeeze(1)
-        # Python check first: no tensor comparison (a device sync on CUDA) when BC is off.
-        if cfg.bc_steps and self.update_count < cfg.bc_steps:
-            policy_objective = self.log_prob_of(loc_s, scale_s, data_action)
-        else:
-            policy_objective = q_pi.min(-1).values
+        policy_objective = q_pi.min(-1).values
+        if cfg.bc_steps:  # a tensor select, not a Python `if` on a tensor: no device sync, capturable in a CUDA graph
+            bc_objective = self.log_prob_of(loc_s, scale_s, data_action)
+            policy_objective = torch.where(self.update_count < cfg.bc_steps, bc_objective, policy_objective)
         loss_actor = (alpha.detach() * log_pi - policy_objective).mean()
         loss_alpha = -(self.log_alpha * (log_pi + self.target_entropy).detach()).mean()
 

@@ -7,13 +7,14 @@ import pytest
 import torch
 from torch import nn
 
+from tensordict import TensorDict
 from torchrl.data import Bounded, Unbounded
 
 from cqlsac.components.allocator import ENV_SWITCH, keep_freed_memory
 from cqlsac.components.cql_loss import CQLSACLoss, LossConfig
 from cqlsac.components.networks import EnsembleMLP, NetworkConfig, make_actor, make_critics
 from cqlsac.components.onednn_ensemble import available_for
-from cqlsac.components.update import OptimConfig, make_optimizer
+from cqlsac.components.update import OptimConfig, cuda_graph_update, make_optimizer, update_step
 
 OBS_DIM, ACT_DIM, BATCH, NUM_ACTIONS = 5, 2, 4, 3
 
@@ -112,11 +113,23 @@ def test_ensemble_forward_is_evaluate_with_one_action():
     torch.testing.assert_close(ensemble(obs, action), ensemble.evaluate(obs, action.unsqueeze(1)).squeeze(1))
 
 
-def test_fused_adam_steps_like_the_plain_adam():
-    torch.manual_seed(0)
+def small_loss(device="cpu", **options) -> CQLSACLoss:
     obs_spec, act_spec = Unbounded(shape=(OBS_DIM,)), Bounded(low=-1.0, high=1.0, shape=(ACT_DIM,))
     net = NetworkConfig(actor_hidden=(8,), critic_hidden=(8, 8))
-    loss = CQLSACLoss(make_actor(obs_spec, act_spec, net), make_critics(obs_spec, act_spec, net), LossConfig())
+    return CQLSACLoss(make_actor(obs_spec, act_spec, net), make_critics(obs_spec, act_spec, net),
+                      LossConfig(num_actions=NUM_ACTIONS, **options)).to(device)
+
+
+def random_batch(device="cpu") -> TensorDict:
+    zeros = torch.zeros(BATCH, 1, dtype=torch.bool)
+    return TensorDict({"observation": torch.randn(BATCH, OBS_DIM), "action": torch.rand(BATCH, ACT_DIM) * 2 - 1,
+                       "next": {"observation": torch.randn(BATCH, OBS_DIM), "reward": torch.randn(BATCH, 1),
+                                "done": zeros, "terminated": zeros.clone()}}, [BATCH]).to(device)
+
+
+def test_fused_adam_steps_like_the_plain_adam():
+    torch.manual_seed(0)
+    loss = small_loss()
     twin = copy.deepcopy(loss)
     cfg = OptimConfig()
     fused = make_optimizer(loss, cfg)
@@ -131,6 +144,35 @@ def test_fused_adam_steps_like_the_plain_adam():
         plain.step()
     for p, q in zip(params, twin_params):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_graph_update_refuses_a_cpu_loss():
+    loss = small_loss()
+    with pytest.raises(ValueError, match="needs the loss module on a CUDA device"):
+        cuda_graph_update(loss, make_optimizer(loss, OptimConfig()), tau=0.005)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_update_steps_as_update_step_does():
+    torch.manual_seed(0)
+    loss = small_loss("cuda", bc_steps=2)  # the BC switch flips between the recorded graph's replays
+    twin = copy.deepcopy(loss)
+    with pytest.raises(ValueError, match="capturable=True"):
+        cuda_graph_update(loss, make_optimizer(loss, OptimConfig()), tau=0.005)
+    graphed = cuda_graph_update(loss, make_optimizer(loss, OptimConfig(), capturable=True), tau=0.005, warmup=2)
+    twin_optimizer = make_optimizer(twin, OptimConfig(), capturable=True)
+    batches = [random_batch("cuda") for _ in range(6)]
+    torch.manual_seed(1)
+    first = graphed(batches[0].clone())
+    torch.manual_seed(1)
+    expected = update_step(twin, twin_optimizer, batches[0].clone(), tau=0.005)
+    torch.testing.assert_close(first, expected)  # a warm-up call is an eager update
+    before = [p.detach().clone() for p in loss.parameters()]
+    for batch in batches[1:]:  # warm-up, recording, then replays
+        metrics = graphed(batch.clone())
+    assert int(loss.update_count) == len(batches)
+    assert all(torch.isfinite(v).all() for v in metrics.values())
+    assert all(not torch.equal(b, p) for b, p in zip(before, loss.parameters()) if p.requires_grad)
 
 
 def test_malloc_tuning_can_be_switched_off(monkeypatch):
