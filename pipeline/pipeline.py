@@ -362,7 +362,11 @@ def run_finetune(pipe: Pipeline, out: Path) -> dict:
         if completed is not None:
             online.extend(completed)
 
-    evals = [(0, pipe.outputs["offline"]["eval_return"])]
+    def evaluate():
+        return pipe.evaluate(loss.actor_network, fcfg.eval_episodes, cfg.evaluate.seed)
+
+    # The offline policy under the same protocol as the points after it (not the offline stage's own).
+    evals = [(0, evaluate())]
     record = OnlineRecord(online, evals, accumulator)
     supervisor = pipe.supervisor("finetune", "finetune", loss, optimizer, record)
     new_collector = pipe.collectors(loss.actor_network, fcfg.frames_per_batch, fcfg.frames, cfg.seed + 1)
@@ -373,8 +377,8 @@ def run_finetune(pipe: Pipeline, out: Path) -> dict:
 
     train_online(loss, optimizer, fcfg.optim.tau, new_collector, add=add, sample=mixed.sample,
                  can_update=lambda frames: True, total_frames=fcfg.frames, utd_ratio=fcfg.utd_ratio,
-                 evaluate=lambda: pipe.evaluate(loss.actor_network, fcfg.eval_episodes, cfg.evaluate.seed),
-                 eval_every=fcfg.eval_every, on_eval=on_eval, log=pipe.log, supervisor=supervisor, desc="finetune")
+                 evaluate=evaluate, eval_every=fcfg.eval_every, on_eval=on_eval, log=pipe.log, supervisor=supervisor,
+                 desc="finetune")
     save_policy(out / "policy.pt", loss.actor_network, cfg.env.id, cfg.network, cfg.env.kwargs)
     outputs = {"policy": str(out / "policy.pt"), "evals": evals}
     if fcfg.sac_baseline:
@@ -426,8 +430,9 @@ STAGE_TABLE = {
     "dataset": Stage("dataset", ("pretrain",), lambda c: (c.env, c.dataset), run_dataset, version=2),
     "offline": Stage("offline", ("dataset",), lambda c: (c.env, c.network, c.dataset, c.offline, c.evaluate),
                      run_offline),
-    # v2: SAC from scratch is seeded on its own.
+    # v2: SAC from scratch is seeded on its own. v3: the offline policy's point of the fine-tuning
+    # curve comes from the fine-tuning evaluation protocol.
     "finetune": Stage("finetune", ("offline",), lambda c: (c.env, c.finetune, c.pretrain.optim), run_finetune,
-                      version=2),
+                      version=3),
     "evaluate": Stage("evaluate", ("finetune",), lambda c: (c.env, c.evaluate), run_evaluate),
 }
