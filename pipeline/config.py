@@ -70,13 +70,18 @@ class DatasetConfig:
             raise ConfigError(f"dataset.preset must be one of {presets}, got {self.preset!r}")
 
 
+def cql_optim() -> OptimConfig:
+    """Learning rates of the CQL agent, offline and after the switch to online data."""
+    return OptimConfig(actor_lr=3e-4, critic_lr=1e-3, alpha_lr=1e-3)
+
+
 @dataclass
 class OfflineConfig:
     updates: int = 6000
     batch_size: int = 256
     log_every: int = 100
     loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(actor_lr=3e-4, critic_lr=1e-3, alpha_lr=1e-3))
+    optim: OptimConfig = field(default_factory=cql_optim)
 
 
 @dataclass
@@ -101,7 +106,7 @@ class FinetuneConfig:
     # (a policy that fails on most starts scores the optimum on them), so 10, as the final evaluation.
     eval_episodes: int = 10
     # Optimiser of the fine-tuning phase: a fresh Adam (the offline one's moments are not carried over).
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(actor_lr=3e-4, critic_lr=1e-3, alpha_lr=1e-3))
+    optim: OptimConfig = field(default_factory=cql_optim)
     # Also train SAC from scratch for the same number of frames, for the learning-curve comparison.
     sac_baseline: bool = True
 
