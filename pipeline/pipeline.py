@@ -141,8 +141,12 @@ class Pipeline:
                                   init_random_frames=max(init_random_frames - frames_done, 0), seed=seed + frames_done)
         return new_collector
 
-    def evaluate(self, actor, episodes: int, seed: int) -> float:
-        returns = evaluate_policy(actor, self.cfg.env.id, self.cfg.env.kwargs, episodes, seed)
+    def evaluation_returns(self, actor, episodes: int) -> list[float]:
+        """Returns of `episodes` deterministic episodes; every evaluation of a run starts from `evaluate.seed`."""
+        return evaluate_policy(actor, self.cfg.env.id, self.cfg.env.kwargs, episodes, self.cfg.evaluate.seed)
+
+    def evaluate(self, actor, episodes: int) -> float:
+        returns = self.evaluation_returns(actor, episodes)
         return sum(returns) / len(returns)
 
     def log(self, prefix: str, metrics, step: int) -> None:
@@ -270,12 +274,12 @@ def run_pretrain(pipe: Pipeline, out: Path) -> dict:
                  sample=lambda progress: buffer.sample(pcfg.batch_size),
                  can_update=lambda frames: frames >= pcfg.init_random_frames,
                  total_frames=pcfg.frames, utd_ratio=pcfg.utd_ratio,
-                 evaluate=lambda: pipe.evaluate(loss.actor_network, pcfg.eval_episodes, cfg.evaluate.seed),
+                 evaluate=lambda: pipe.evaluate(loss.actor_network, pcfg.eval_episodes),
                  eval_every=pcfg.eval_every, on_eval=on_eval, log=pipe.log, supervisor=supervisor, desc="pretrain")
     replay_path = out / "replay"
     shutil.rmtree(replay_path, ignore_errors=True)
     buffer[:].exclude("collector", "loc", "scale").memmap(replay_path)
-    random_return = pipe.evaluate(None, pcfg.eval_episodes, cfg.evaluate.seed)
+    random_return = pipe.evaluate(None, pcfg.eval_episodes)
     return {"checkpoints": checkpoints, "replay": str(replay_path), "random_return": random_return}
 
 
@@ -330,7 +334,7 @@ def run_offline(pipe: Pipeline, out: Path) -> dict:
     supervisor = pipe.supervisor("offline", "offline", loss, optimizer)
     train_offline(loss, optimizer, ocfg.optim.tau, lambda: replay.sample().select(*keys), ocfg.updates,
                   pipe.log, ocfg.log_every, supervisor)
-    mean_return = pipe.evaluate(loss.actor_network, pipe.cfg.evaluate.episodes, pipe.cfg.evaluate.seed)
+    mean_return = pipe.evaluate(loss.actor_network, pipe.cfg.evaluate.episodes)
     pipe.logger.log_scalar("offline/eval_return", mean_return, step=ocfg.updates)
     save_agent(out / "agent.pt", loss)
     save_policy(out / "policy.pt", loss.actor_network, pipe.cfg.env.id, pipe.cfg.network, pipe.cfg.env.kwargs,
@@ -363,12 +367,14 @@ def run_finetune(pipe: Pipeline, out: Path) -> dict:
             online.extend(completed)
 
     def evaluate():
-        return pipe.evaluate(loss.actor_network, fcfg.eval_episodes, cfg.evaluate.seed)
+        return pipe.evaluate(loss.actor_network, fcfg.eval_episodes)
 
-    # The offline policy under the same protocol as the points after it (not the offline stage's own).
-    evals = [(0, evaluate())]
+    evals = []
     record = OnlineRecord(online, evals, accumulator)
     supervisor = pipe.supervisor("finetune", "finetune", loss, optimizer, record)
+    if not supervisor.resuming:  # a resumed stage gets this point back from its checkpoint
+        # The offline policy under the same protocol as the points after it (not the offline stage's own).
+        evals.append((0, evaluate()))
     new_collector = pipe.collectors(loss.actor_network, fcfg.frames_per_batch, fcfg.frames, cfg.seed + 1)
 
     def on_eval(frames, mean_return):
@@ -405,7 +411,7 @@ def run_sac_baseline(pipe: Pipeline, out: Path) -> list:
                  add=lambda data: buffer.extend(data.reshape(-1)),
                  sample=lambda progress: buffer.sample(fcfg.batch_size),
                  can_update=lambda frames: frames >= warmup, total_frames=fcfg.frames, utd_ratio=fcfg.utd_ratio,
-                 evaluate=lambda: pipe.evaluate(loss.actor_network, fcfg.eval_episodes, cfg.evaluate.seed),
+                 evaluate=lambda: pipe.evaluate(loss.actor_network, fcfg.eval_episodes),
                  eval_every=fcfg.eval_every, on_eval=lambda frames, r: evals.append((frames, r)),
                  log=pipe.log, supervisor=supervisor, desc="sac-baseline")
     return evals
@@ -415,8 +421,7 @@ def run_evaluate(pipe: Pipeline, out: Path) -> dict:
     """The final policy, deterministic, over `evaluate.episodes` seeded episodes; raw and normalised."""
     policy = pipe.outputs["finetune"]["policy"]
     actor, _ = load_policy(policy)
-    ecfg = pipe.cfg.evaluate
-    returns = evaluate_policy(actor, pipe.cfg.env.id, pipe.cfg.env.kwargs, ecfg.episodes, ecfg.seed)
+    returns = pipe.evaluation_returns(actor, pipe.cfg.evaluate.episodes)
     mean_return = sum(returns) / len(returns)
     _, info = pipe.offline_replay(1)
     has_scores = info.ref_min_score is not None and info.ref_max_score is not None

@@ -110,9 +110,14 @@ class Supervisor:
         self.saved_step: int | None = None
         self.q_exceeded_at: int | None = None
 
+    @property
+    def resuming(self) -> bool:
+        """Whether `restore` will continue from a checkpoint."""
+        return self.resume and self.path.is_file()
+
     def restore(self) -> dict:
         """The saved progress when resuming from a checkpoint (networks, optimizer, RNG restored), else {}."""
-        if not (self.resume and self.path.is_file()):
+        if not self.resuming:
             return {}
         progress = load_training_state(self.path, self.fingerprint, self.loss, self.optimizer)
         record = progress.pop("record", None)
@@ -271,7 +276,6 @@ class EpisodeAccumulator:
         if start < data.shape[0]:
             self.pending.append(data[start:])
         return torch.cat(completed)
-
 
 
 def rows_state(rows: TensorDictBase) -> dict:
