@@ -50,6 +50,16 @@ class PretrainConfig:
     eval_episodes: int = 3
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(actor_lr=1e-3, critic_lr=1e-3, alpha_lr=1e-3))
 
+    def __post_init__(self):
+        check_eval_grid("pretrain", self.eval_every, self.frames_per_batch)
+
+
+def check_eval_grid(section: str, eval_every: int, frames_per_batch: int) -> None:
+    """Evaluations happen between collector batches: any other `eval_every` would silently move them."""
+    if eval_every % frames_per_batch:
+        raise ConfigError(f"{section}.eval_every ({eval_every}) must be a multiple of {section}.frames_per_batch "
+                          f"({frames_per_batch}): evaluations happen between collector batches")
+
 
 @dataclass
 class DatasetConfig:
@@ -89,7 +99,8 @@ class FinetuneConfig:
     """Offline-online combined training (spec section 5)."""
 
     frames: int = 5000
-    frames_per_batch: int = 200
+    # A divisor of `eval_every`, so that the half-budget point (2500 of 5000 frames) is evaluated.
+    frames_per_batch: int = 100
     utd_ratio: float = 1.0
     batch_size: int = 256
     mixing: str = "fixed"
@@ -116,6 +127,7 @@ class FinetuneConfig:
         for name in ("offline_fraction", "offline_fraction_end"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"finetune.{name} must be in [0, 1], got {getattr(self, name)}")
+        check_eval_grid("finetune", self.eval_every, self.frames_per_batch)
 
 
 @dataclass
