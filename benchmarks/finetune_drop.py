@@ -1,12 +1,13 @@
-"""Where the fine-tuning drop comes from: SAC updates on the offline agent's own online data.
+"""Where the fine-tuning drop comes from: SAC updates from the offline agent, on one kind of data.
 
 Loads the offline CQL agent of a finished run, collects `--frames` online frames with it (its
 stochastic policy, as fine-tuning does), then makes `--updates` SAC updates (CQL weight 0) on
-batches of those frames only, and prints the per-episode evaluation returns of the deterministic
-policy along the way. `--critic-lr 0` freezes the critics (the offline critic then guides the
-actor alone); `--actor-lr 0` checks that the evaluation itself is stable.
+batches of those frames only (`--data online`) or of the offline dataset only (`--data offline`),
+and prints the per-episode evaluation returns of the deterministic policy along the way.
+`--critic-lr 0` freezes the critics (the offline critic then guides the actor alone);
+`--actor-lr 0` checks that the evaluation itself is stable.
 
-    python benchmarks/finetune_drop.py RUN_DIR [--actor-lr 3e-4] [--critic-lr 1e-3]
+    python benchmarks/finetune_drop.py RUN_DIR [--data online|offline] [--actor-lr 3e-4] [--critic-lr 1e-3]
 
 RUN_DIR is a directory printed by `cqlsac run` whose cache still holds its offline stage.
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,6 +25,7 @@ import torch
 from cqlsac.components.collector import make_collector
 from cqlsac.components.replay import make_online_buffer
 from cqlsac.components.update import make_optimizer, update_step
+from cqlsac.datasets.offline import load_offline_replay
 from cqlsac.pipeline.checkpoints import load_agent
 from cqlsac.pipeline.config import ConfigError, PipelineConfig
 from cqlsac.pipeline.pipeline import Pipeline
@@ -32,6 +36,8 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--frames", type=int, default=1000, help="online frames collected before the updates")
     parser.add_argument("--updates", type=int, default=200)
+    parser.add_argument("--data", choices=("online", "offline"), default="online",
+                        help="batches from the collected frames or from the run's offline dataset")
     parser.add_argument("--actor-lr", type=float, default=None, help="default: finetune.optim.actor_lr")
     parser.add_argument("--critic-lr", type=float, default=None, help="default: finetune.optim.critic_lr")
     parser.add_argument("--report-at", type=int, nargs="+", default=[10, 25, 50, 100, 200])
@@ -43,9 +49,11 @@ def main() -> None:
     except (OSError, ConfigError) as exc:
         parser.error(f"{args.run_dir} is not a usable run directory: {exc}")
     cfg = pipe.cfg
-    agent = pipe.stage_dir("offline") / "agent.pt"
-    if not agent.is_file():
-        parser.error(f"{agent} not found: run the offline stage of {args.run_dir} first")
+    finished = pipe.stage_dir("offline") / "outputs.json"
+    if not finished.is_file():
+        parser.error(f"{finished} not found: run the offline stage of {args.run_dir} first")
+    offline_outputs = json.loads(finished.read_text())
+    agent = offline_outputs["agent"]
     loss = pipe.new_agent(dataclasses.replace(cfg.offline.loss, cql_weight=0.0))
     load_agent(agent, loss)
     torch.manual_seed(args.seed)
@@ -66,9 +74,13 @@ def main() -> None:
         returns = pipe.evaluation_returns(loss.actor_network, cfg.evaluate.episodes)
         print(f"{label:>12}: mean {sum(returns) / len(returns):8.1f}  episodes {[round(r) for r in returns]}")
 
+    sample = (load_offline_replay(offline_outputs["dataset_id"], batch_size=cfg.finetune.batch_size,
+                                  gamma=cfg.offline.loss.gamma)[0].sample
+              if args.data == "offline" else partial(buffer.sample, cfg.finetune.batch_size))
+
     report("offline")
     for update in range(1, args.updates + 1):
-        update_step(loss, optimizer, buffer.sample(cfg.finetune.batch_size), optim_cfg.tau)
+        update_step(loss, optimizer, sample(), optim_cfg.tau)
         if update in args.report_at:
             report(f"{update} updates")
 
