@@ -1,13 +1,14 @@
-"""Where the fine-tuning drop comes from: SAC updates from the offline agent, on one kind of data.
+"""Where the fine-tuning drop comes from: updates from the offline agent, on one kind of data.
 
 Loads the offline CQL agent of a finished run, collects `--frames` online frames with it (its
-stochastic policy, as fine-tuning does), then makes `--updates` SAC updates (CQL weight 0) on
-batches of those frames only (`--data online`) or of the offline dataset only (`--data offline`),
-and prints the per-episode evaluation returns of the deterministic policy along the way.
-`--critic-lr 0` freezes the critics (the offline critic then guides the actor alone);
-`--actor-lr 0` checks that the evaluation itself is stable.
+stochastic policy, as fine-tuning does), then makes `--updates` updates (SAC, i.e. CQL weight 0,
+unless `--cql-weight`) on batches of those frames only (`--data online`) or of the offline
+dataset only (`--data offline`), and prints the per-episode evaluation returns of the
+deterministic policy along the way. `--critic-lr 0` freezes the critics (the offline critic then
+guides the actor alone); `--actor-lr 0` checks that the evaluation itself is stable.
 
-    python benchmarks/finetune_drop.py RUN_DIR [--data online|offline] [--actor-lr 3e-4] [--critic-lr 1e-3]
+    python benchmarks/finetune_drop.py RUN_DIR [--data online|offline] [--cql-weight 0]
+                                               [--actor-lr 3e-4] [--critic-lr 1e-3]
 
 RUN_DIR is a directory printed by `cqlsac run` whose cache still holds its offline stage.
 """
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=200)
     parser.add_argument("--data", choices=("online", "offline"), default="online",
                         help="batches from the collected frames or from the run's offline dataset")
+    parser.add_argument("--cql-weight", type=float, default=0.0, help="the CQL weight of the updates (0: SAC)")
     parser.add_argument("--actor-lr", type=float, default=None, help="default: finetune.optim.actor_lr")
     parser.add_argument("--critic-lr", type=float, default=None, help="default: finetune.optim.critic_lr")
     parser.add_argument("--report-at", type=int, nargs="+", default=[10, 25, 50, 100, 200])
@@ -54,7 +56,7 @@ def main() -> None:
         parser.error(f"{finished} not found: run the offline stage of {args.run_dir} first")
     offline_outputs = json.loads(finished.read_text())
     agent = offline_outputs["agent"]
-    loss = pipe.new_agent(dataclasses.replace(cfg.offline.loss, cql_weight=0.0))
+    loss = pipe.new_agent(dataclasses.replace(cfg.offline.loss, cql_weight=args.cql_weight))
     load_agent(agent, loss)
     torch.manual_seed(args.seed)
     optim_cfg = cfg.finetune.optim
