@@ -56,6 +56,9 @@ class PretrainConfig:
 
 def check_eval_grid(section: str, eval_every: int, frames_per_batch: int) -> None:
     """Evaluations happen between collector batches: any other `eval_every` would silently move them."""
+    for name, value in (("frames_per_batch", frames_per_batch), ("eval_every", eval_every)):
+        if value < 1:
+            raise ConfigError(f"{section}.{name} must be a positive number of frames, got {value}")
     if eval_every % frames_per_batch:
         raise ConfigError(f"{section}.eval_every ({eval_every}) must be a multiple of {section}.frames_per_batch "
                           f"({frames_per_batch}): evaluations happen between collector batches")

@@ -59,6 +59,7 @@ def test_yaml_round_trip_and_overrides(tmp_path):
     ("finetune.calibrated=true", "finetune.calibrated: Cal-QL changes the CQL penalty"),
     ("finetune.eval_every=250", "finetune.eval_every (250) must be a multiple of finetune.frames_per_batch (100)"),
     ("pretrain.frames_per_batch=300", "pretrain.eval_every (200) must be a multiple of pretrain.frames_per_batch (300)"),
+    ("finetune.frames_per_batch=0", "finetune.frames_per_batch must be a positive number of frames, got 0"),
 ])
 def test_bad_config_names_the_key(override, message):
     with pytest.raises(ConfigError) as err:
