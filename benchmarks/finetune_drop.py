@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from cqlsac.components.collector import make_collector
 from cqlsac.components.replay import make_online_buffer
 from cqlsac.components.update import make_optimizer, update_step
 from cqlsac.datasets.offline import load_offline_replay
@@ -66,8 +65,7 @@ def main() -> None:
             group["lr"] = lr
 
     buffer = make_online_buffer(args.frames)
-    collector = make_collector(pipe.env, loss.actor_network, frames_per_batch=min(args.frames, 200),
-                               total_frames=args.frames, seed=cfg.seed + 1)
+    collector = pipe.collectors(loss.actor_network, min(args.frames, 200), args.frames, seed=cfg.seed + 1)(0)
     for data in collector:
         buffer.extend(data.reshape(-1).select(*loss.in_keys))
     collector.shutdown()
