@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tensordict.nn import InteractionType, NormalParamExtractor, TensorDictModule
 from torch import nn
 from torchrl.data import Bounded, TensorSpec
@@ -31,6 +32,9 @@ class NetworkConfig:
     num_critics: int = 2
     # Lower bound of the Gaussian scale before the tanh squashing.
     scale_lb: float = 1e-4
+    # Layer normalisation (no affine) before each hidden activation of the critics: it bounds how
+    # far their values can extrapolate to actions and states the data does not hold (RLPD).
+    critic_layer_norm: bool = False
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -79,16 +83,18 @@ class EnsembleMLP(nn.Module):
 
     Weights are `[num_members, fan_in, fan_out]`, biases `[num_members, 1, fan_out]`. All members
     are evaluated in one call on the same (s, a) rows: on CPU in float32 with ReLU through oneDNN
-    (`onednn_ensemble`, ~2x faster matmuls here; `use_onednn = False` turns it off), otherwise one
+    (`onednn_ensemble`, ~2x faster matmuls here; `use_onednn = False` turns it off), otherwise, and
+    with `layer_norm` (normalisation without affine parameters before each hidden activation), one
     batched matmul per hidden layer. Output: `[*batch, num_members]`.
     """
 
     use_onednn: bool = True
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...], num_members: int,
-                 activation: type[nn.Module] = nn.ReLU):
+                 activation: type[nn.Module] = nn.ReLU, layer_norm: bool = False):
         super().__init__()
         self.num_members = num_members
+        self.layer_norm = layer_norm
         self.obs_dim = obs_dim
         sizes = [obs_dim + act_dim, *hidden, 1]
         self.weights = nn.ParameterList()
@@ -122,12 +128,16 @@ class EnsembleMLP(nn.Module):
         # One row (s, a) per state and action, shared by all members: [S*K, obs+act].
         rows = torch.cat([observation.unsqueeze(-2).expand(*actions.shape[:-1], self.obs_dim), actions], -1)
         rows = rows.reshape(-1, rows.shape[-1])
-        if self.use_onednn and onednn_ensemble.available_for(rows, weights, self.activation):
+        if (not self.layer_norm and self.use_onednn
+                and onednn_ensemble.available_for(rows, weights, self.activation)):
             q = onednn_ensemble.ensemble_q(rows, weights, biases)  # [E, S*K]
         else:
             hidden = rows.expand(self.num_members, -1, -1)  # [E, S*K, obs+act], a view
             for w, b in zip(weights[:-1], biases[:-1]):
-                hidden = self.activation(torch.baddbmm(b, hidden, w))
+                hidden = torch.baddbmm(b, hidden, w)
+                if self.layer_norm:
+                    hidden = F.layer_norm(hidden, hidden.shape[-1:])
+                hidden = self.activation(hidden)
             # The `fan_in -> 1` output layer as a dot product per row: faster than a batched
             # matrix-vector matmul here, forward and backward.
             q = torch.linalg.vecdot(hidden, weights[-1].transpose(-1, -2)) + biases[-1].squeeze(-1)  # [E, S*K]
@@ -137,5 +147,5 @@ class EnsembleMLP(nn.Module):
 def make_critics(observation_spec: TensorSpec, action_spec: TensorSpec, cfg: NetworkConfig) -> ValueOperator:
     """Twin critics as one ensemble `ValueOperator`: writes `state_action_value` of shape `[*B, E]`."""
     ensemble = EnsembleMLP(observation_spec.shape[-1], action_spec.shape[-1], cfg.critic_hidden,
-                           cfg.num_critics, ACTIVATIONS[cfg.activation])
+                           cfg.num_critics, ACTIVATIONS[cfg.activation], cfg.critic_layer_norm)
     return ValueOperator(ensemble, in_keys=["observation", "action"], out_keys=["state_action_value"])

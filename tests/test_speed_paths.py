@@ -19,8 +19,11 @@ from cqlsac.components.update import OptimConfig, cuda_graph_update, make_optimi
 OBS_DIM, ACT_DIM, BATCH, NUM_ACTIONS = 5, 2, 4, 3
 
 
-def plain_q(ensemble: EnsembleMLP, obs, actions, activation):
-    """Q[b, k, e] member by member, state by state, action by action, one vector-matrix product per layer."""
+def plain_q(ensemble: EnsembleMLP, obs, actions, activation, layer_norm=False):
+    """Q[b, k, e] member by member, state by state, action by action, one vector-matrix product per layer.
+
+    With `layer_norm`, each hidden pre-activation is standardised (biased variance, eps 1e-5).
+    """
     layers = list(zip(ensemble.weights, ensemble.biases))
     out = torch.empty(obs.shape[0], actions.shape[1], ensemble.num_members, dtype=obs.dtype)
     for e in range(ensemble.num_members):
@@ -30,15 +33,19 @@ def plain_q(ensemble: EnsembleMLP, obs, actions, activation):
                 for depth, (w, bias) in enumerate(layers):
                     x = x @ w[e] + bias[e, 0]
                     if depth < len(layers) - 1:
+                        if layer_norm:
+                            x = (x - x.mean()) / torch.sqrt(((x - x.mean()) ** 2).mean() + 1e-5)
                         x = activation(x)
                 out[b, k, e] = x[0]
     return out
 
 
+@pytest.mark.parametrize("layer_norm", [False, True])
 @pytest.mark.parametrize("activation", [nn.ReLU, nn.Tanh])
-def test_ensemble_values_and_gradients_match_a_plain_loop(activation):
+def test_ensemble_values_and_gradients_match_a_plain_loop(activation, layer_norm):
     torch.manual_seed(0)
-    ensemble = EnsembleMLP(OBS_DIM, ACT_DIM, (7, 6), num_members=2, activation=activation).double()
+    ensemble = EnsembleMLP(OBS_DIM, ACT_DIM, (7, 6), num_members=2, activation=activation,
+                           layer_norm=layer_norm).double()
     reference = copy.deepcopy(ensemble)
     obs = torch.randn(BATCH, OBS_DIM, dtype=torch.float64)
     actions = torch.randn(BATCH, NUM_ACTIONS, ACT_DIM, dtype=torch.float64, requires_grad=True)
@@ -46,7 +53,7 @@ def test_ensemble_values_and_gradients_match_a_plain_loop(activation):
     weight = torch.randn(BATCH, NUM_ACTIONS, 2, dtype=torch.float64)  # a generic downstream gradient
 
     got = ensemble.evaluate(obs, actions)
-    expected = plain_q(reference, obs, actions_ref, activation())
+    expected = plain_q(reference, obs, actions_ref, activation(), layer_norm)
     torch.testing.assert_close(got, expected)
     (got * weight).sum().backward()
     (expected * weight).sum().backward()
@@ -82,6 +89,18 @@ def test_onednn_float32_path_matches_a_float64_plain_loop(hidden, detached_weigh
             assert p.grad is None
         else:
             torch.testing.assert_close(p.grad.double(), p_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_critics_leave_the_onednn_path_for_the_normalised_one():
+    """float32 + ReLU would take oneDNN, which has no normalisation: the values must still be normalised."""
+    torch.manual_seed(0)
+    ensemble = EnsembleMLP(OBS_DIM, ACT_DIM, (16, 16), num_members=2, layer_norm=True)
+    obs, actions = torch.randn(BATCH, OBS_DIM), torch.randn(BATCH, NUM_ACTIONS, ACT_DIM)
+    expected = plain_q(copy.deepcopy(ensemble).double(), obs.double(), actions.double(), nn.ReLU(), layer_norm=True)
+    torch.testing.assert_close(ensemble.evaluate(obs, actions).double(), expected, rtol=1e-5, atol=1e-5)
+    spec = NetworkConfig(critic_hidden=(16, 16), critic_layer_norm=True)
+    critic = make_critics(Unbounded(shape=(OBS_DIM,)), Bounded(-1.0, 1.0, shape=(ACT_DIM,)), spec)
+    assert critic.module.layer_norm
 
 
 def test_onednn_path_only_where_it_applies():
