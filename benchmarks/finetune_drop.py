@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from functools import partial
 from pathlib import Path
 
@@ -25,7 +24,6 @@ import torch
 
 from cqlsac.components.replay import make_online_buffer
 from cqlsac.components.update import make_optimizer, update_step
-from cqlsac.datasets.offline import load_offline_replay
 from cqlsac.pipeline.checkpoints import load_agent
 from cqlsac.pipeline.config import ConfigError, PipelineConfig
 from cqlsac.pipeline.pipeline import Pipeline
@@ -50,13 +48,13 @@ def main() -> None:
     except (OSError, ConfigError) as exc:
         parser.error(f"{args.run_dir} is not a usable run directory: {exc}")
     cfg = pipe.cfg
-    finished = pipe.stage_dir("offline") / "outputs.json"
-    if not finished.is_file():
-        parser.error(f"{finished} not found: run the offline stage of {args.run_dir} first")
-    offline_outputs = json.loads(finished.read_text())
-    agent = offline_outputs["agent"]
+    for name in pipe.plan(["offline"]):  # the offline stage and the ones it read, as `cqlsac run` reuses them
+        outputs = pipe.finished_outputs(name)
+        if outputs is None:
+            parser.error(f"the {name} stage of {args.run_dir} has not finished: run its offline stage first")
+        pipe.outputs[name] = outputs
     loss = pipe.new_agent(dataclasses.replace(cfg.offline.loss, cql_weight=args.cql_weight))
-    load_agent(agent, loss)
+    load_agent(pipe.outputs["offline"]["agent"], loss)
     torch.manual_seed(args.seed)
     optim_cfg = cfg.finetune.optim
     optimizer = make_optimizer(loss, optim_cfg)
@@ -74,9 +72,8 @@ def main() -> None:
         returns = pipe.evaluation_returns(loss.actor_network, cfg.evaluate.episodes)
         print(f"{label:>12}: mean {sum(returns) / len(returns):8.1f}  episodes {[round(r) for r in returns]}")
 
-    sample = (load_offline_replay(offline_outputs["dataset_id"], batch_size=cfg.finetune.batch_size,
-                                  gamma=cfg.offline.loss.gamma)[0].sample
-              if args.data == "offline" else partial(buffer.sample, cfg.finetune.batch_size))
+    sample = (pipe.offline_replay(cfg.finetune.batch_size)[0].sample if args.data == "offline"
+              else partial(buffer.sample, cfg.finetune.batch_size))
 
     report("offline")
     for update in range(1, args.updates + 1):

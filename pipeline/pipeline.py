@@ -46,6 +46,7 @@ from cqlsac.pipeline.training import (
 
 STAGE_SEED_OFFSET = {name: 1000 * i for i, name in enumerate(STAGES)}
 SAC_BASELINE_SEED_OFFSET = 1000 * len(STAGES)
+OUTPUTS = "outputs.json"  # written last by a stage that finished: its presence marks the stage done
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,11 @@ class Pipeline:
     def stage_dir(self, name: str) -> Path:
         return Path(self.cfg.cache_dir) / f"{name}-{self.stage_hash(name)}"
 
+    def finished_outputs(self, name: str) -> dict | None:
+        """What stage `name` wrote when it finished for this config; None if it has not finished."""
+        done = self.stage_dir(name) / OUTPUTS
+        return json.loads(done.read_text()) if done.is_file() else None
+
     def run(self, stages=None) -> dict:
         """Run (or reuse) the stages; write the report and `summary.json`; return the summary.
 
@@ -221,9 +227,9 @@ class Pipeline:
         for name in self.plan(stages):
             stop_if_requested()
             out_dir = self.stage_dir(name)
-            done = out_dir / "outputs.json"
-            if done.is_file():
-                self.outputs[name] = json.loads(done.read_text())
+            finished = self.finished_outputs(name)
+            if finished is not None:
+                self.outputs[name] = finished
                 print(f"[{name}] reusing {out_dir}")
                 continue
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -231,7 +237,7 @@ class Pipeline:
             start = time.perf_counter()
             outputs = STAGE_TABLE[name].run(self, out_dir)
             self.stage_seconds[name] = round(time.perf_counter() - start, 2)
-            atomic_json(done, outputs)
+            atomic_json(out_dir / OUTPUTS, outputs)
             for state in out_dir.glob(f"*{STATE_SUFFIX}"):
                 state.unlink()
             self.outputs[name] = outputs
