@@ -25,7 +25,7 @@ from cqlsac.components.allocator import keep_freed_memory
 from cqlsac.components.collector import make_collector
 from cqlsac.components.cql_loss import CQLSACLoss, LossConfig
 from cqlsac.components.envs import make_env
-from cqlsac.components.networks import make_actor, make_critics
+from cqlsac.components.networks import NetworkConfig, make_actor, make_critics
 from cqlsac.components.replay import MixedReplay, make_online_buffer
 from cqlsac.components.update import make_optimizer
 from cqlsac.datasets.offline import check_spaces, load_offline_replay, normalized_score
@@ -105,13 +105,14 @@ class Pipeline:
     def env(self, seed: int | None = None):
         return make_env(self.cfg.env.id, seed=seed, env_kwargs=self.cfg.env.kwargs)
 
-    def new_agent(self, loss_cfg):
-        """Fresh actor, critics, loss for the env's specs."""
+    def new_agent(self, loss_cfg, network: NetworkConfig | None = None):
+        """Fresh actor, critics, loss for the env's specs (networks from `network`, else the config's)."""
+        network = network or self.cfg.network
         env = self.env()
         obs_spec, act_spec = env.observation_spec["observation"], env.action_spec
         env.close()
-        actor = make_actor(obs_spec, act_spec, self.cfg.network)
-        critic = make_critics(obs_spec, act_spec, self.cfg.network)
+        actor = make_actor(obs_spec, act_spec, network)
+        critic = make_critics(obs_spec, act_spec, network)
         return CQLSACLoss(actor, critic, loss_cfg)
 
     def check_env(self) -> None:
@@ -406,7 +407,8 @@ def run_sac_baseline(pipe: Pipeline, out: Path) -> list:
     """
     cfg, fcfg = pipe.cfg, pipe.cfg.finetune
     torch.manual_seed(cfg.seed + SAC_BASELINE_SEED_OFFSET)
-    loss = pipe.new_agent(LossConfig(gamma=cfg.offline.loss.gamma, cql_weight=0.0))
+    network = dataclasses.replace(cfg.network, critic_layer_norm=fcfg.sac_baseline_critic_layer_norm)
+    loss = pipe.new_agent(LossConfig(gamma=cfg.offline.loss.gamma, cql_weight=0.0), network)
     optimizer = make_optimizer(loss, cfg.pretrain.optim)
     buffer = make_online_buffer(fcfg.frames)
     evals = []

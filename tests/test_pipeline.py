@@ -195,6 +195,20 @@ def test_tiny_pipeline_runs_all_stages_and_reuses_finished_ones(workdir, capsys)
     assert baselines[0] == baselines[1] and len(baselines[0]) == 2
 
 
+def test_sac_baseline_critics_come_from_their_own_setting(workdir):
+    """SAC from scratch ignores the agent's `network.critic_layer_norm` and follows its own key."""
+    def baseline(*overrides):
+        summary = Pipeline.from_yaml(None, tiny(workdir, "stages=[pretrain,dataset,offline,finetune]",
+                                                *overrides)).run()
+        outputs = Path(summary["stage_outputs"]["finetune"]) / "outputs.json"
+        return json.loads(outputs.read_text())["sac_baseline_evals"]
+
+    plain_agent = baseline("network.critic_layer_norm=false")
+    normalised_agent = baseline("network.critic_layer_norm=true")
+    assert plain_agent == normalised_agent  # default: plain critics for both
+    assert baseline("network.critic_layer_norm=true", "finetune.sac_baseline_critic_layer_norm=true") != plain_agent
+
+
 def test_same_seed_reproduces_the_same_numbers(workdir):
     first = Pipeline.from_yaml(None, tiny(workdir, "finetune.sac_baseline=false", cache="a")).run()
     second = Pipeline.from_yaml(None, tiny(workdir, "finetune.sac_baseline=false", cache="b")).run()
