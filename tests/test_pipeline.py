@@ -198,10 +198,9 @@ def test_tiny_pipeline_runs_all_stages_and_reuses_finished_ones(workdir, capsys)
 def test_sac_baseline_critics_come_from_their_own_setting(workdir):
     """SAC from scratch ignores the agent's `network.critic_layer_norm` and follows its own key."""
     def baseline(*overrides):
-        summary = Pipeline.from_yaml(None, tiny(workdir, "stages=[pretrain,dataset,offline,finetune]",
-                                                *overrides)).run()
-        outputs = Path(summary["stage_outputs"]["finetune"]) / "outputs.json"
-        return json.loads(outputs.read_text())["sac_baseline_evals"]
+        pipe = Pipeline.from_yaml(None, tiny(workdir, "stages=[pretrain,dataset,offline,finetune]", *overrides))
+        pipe.run()
+        return pipe.outputs["finetune"]["sac_baseline_evals"]
 
     plain_agent = baseline("network.critic_layer_norm=false")
     normalised_agent = baseline("network.critic_layer_norm=true")
