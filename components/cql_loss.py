@@ -87,8 +87,8 @@ class CQLSACLoss(LossModule):
 
     Reads `observation`, `action`, `("next", "observation")`, `("next", "reward")`,
     `("next", "done")`, `("next", "terminated")` and, with `calibrated=True`, `mc_return`.
-    Writes `loss_actor`, `loss_qvalue`, `loss_alpha` (and `loss_alpha_prime` in the Lagrange form)
-    plus detached diagnostics.
+    Writes `loss_actor`, `loss_qvalue`, `loss_alpha` (and `loss_alpha_prime` in the Lagrange form
+    with w > 0) plus detached diagnostics; a batch without one of `in_keys` is a `KeyError`.
     """
 
     @dataclass
@@ -99,7 +99,6 @@ class CQLSACLoss(LossModule):
         done: str = "done"
         terminated: str = "terminated"
         mc_return: str = "mc_return"
-        value: str = "state_value"
 
     default_value_estimator = ValueEstimators.TD0
 
@@ -122,7 +121,7 @@ class CQLSACLoss(LossModule):
         self.register_buffer("target_entropy", torch.tensor(entropy))
         self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.initial_alpha)))
         self.log_alpha_prime = nn.Parameter(torch.tensor(math.log(cfg.initial_alpha_prime)),
-                                            requires_grad=cfg.lagrange)
+                                            requires_grad=self.tunes_alpha_prime)
         # Updates done so far; decides the BC warm start and is saved with the module.
         self.register_buffer("update_count", torch.zeros((), dtype=torch.long))
         self.make_value_estimator(gamma=cfg.gamma)
@@ -136,6 +135,11 @@ class CQLSACLoss(LossModule):
         return self.cfg.cql_weight > 0
 
     @property
+    def tunes_alpha_prime(self) -> bool:
+        """Whether alpha' is trained: the Lagrange form with the CQL penalty on."""
+        return self.cfg.lagrange and self.uses_cql
+
+    @property
     def in_keys(self) -> list:
         keys = self.tensor_keys
         in_keys = [keys.observation, keys.action, ("next", keys.observation), ("next", keys.reward),
@@ -144,8 +148,10 @@ class CQLSACLoss(LossModule):
 
     @property
     def out_keys(self) -> list[str]:
-        losses = ["loss_actor", "loss_qvalue", "loss_alpha"] + (["loss_alpha_prime"] if self.cfg.lagrange else [])
-        return losses + ["alpha", "alpha_prime", "entropy", "q_data", "td_target", "cql_gap"]
+        dual = ["loss_alpha_prime"] if self.tunes_alpha_prime else []
+        diagnostics = ["alpha"] + (["alpha_prime"] if self.tunes_alpha_prime else []) + [
+            "entropy", "q_data", "td_target", "cql_gap"]
+        return ["loss_actor", "loss_qvalue", "loss_alpha"] + dual + diagnostics
 
     def make_value_estimator(self, value_type: ValueEstimators | None = None, **hyperparams):
         """TD(0): y = r + gamma * (1 - terminated) * V(s'); V(s') is computed by this module."""
@@ -205,6 +211,9 @@ class CQLSACLoss(LossModule):
     def compute(self, tensordict: TensorDictBase, noise: dict[str, torch.Tensor]) -> TensorDict:
         """All losses and diagnostics for a batch, given the noise of `draw_noise`."""
         cfg, keys = self.cfg, self.tensor_keys
+        missing = [key for key in self.in_keys if key not in tensordict.keys(include_nested=True)]
+        if missing:  # e.g. without `terminated` torchrl would bootstrap on `done`, time limits included
+            raise KeyError(f"the batch lacks {missing}, which CQLSACLoss reads (in_keys: {self.in_keys})")
         obs = tensordict.get(keys.observation)
         data_action = tensordict.get(keys.action)
         next_obs = tensordict.get(("next", keys.observation))
@@ -251,7 +260,6 @@ class CQLSACLoss(LossModule):
                 "loss_alpha": loss_alpha,
                 **out,
                 "alpha": alpha.detach(),
-                "alpha_prime": self.log_alpha_prime.detach().exp().clamp(0, ALPHA_PRIME_MAX),
                 "entropy": -log_pi.detach().mean(),
                 "q_data": q_data.detach().mean(),
                 "td_target": td_target.mean(),
@@ -275,10 +283,7 @@ class CQLSACLoss(LossModule):
         q_data = q_all[:, 0]
         q_uniform, q_current, q_next = q_all[:, 1:].split(cfg.num_actions, dim=1)  # [B, N, E] each
         if cfg.calibrated:
-            mc_return = tensordict.get(self.tensor_keys.mc_return, None)
-            if mc_return is None:
-                raise KeyError(f"calibrated (Cal-QL) needs the Monte-Carlo return key {self.tensor_keys.mc_return!r} in the batch")
-            bound = mc_return.reshape(-1, 1, 1)
+            bound = tensordict.get(self.tensor_keys.mc_return).reshape(-1, 1, 1)
             q_current = torch.maximum(q_current, bound)
             q_next = torch.maximum(q_next, bound)
         weighted = torch.cat([
@@ -294,4 +299,4 @@ class CQLSACLoss(LossModule):
         alpha_prime = self.log_alpha_prime.exp().clamp(0, ALPHA_PRIME_MAX)
         penalty = alpha_prime.detach() * cfg.cql_weight * (gap - cfg.lagrange_threshold)
         loss_alpha_prime = -(alpha_prime * cfg.cql_weight * (gap.detach() - cfg.lagrange_threshold)).mean()
-        return q_data, penalty, gap, {"loss_alpha_prime": loss_alpha_prime}
+        return q_data, penalty, gap, {"loss_alpha_prime": loss_alpha_prime, "alpha_prime": alpha_prime.detach()}

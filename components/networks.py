@@ -43,6 +43,9 @@ class NetworkConfig:
             raise ValueError(f"num_critics must be at least 1, got {self.num_critics}")
         self.actor_hidden = tuple(int(h) for h in self.actor_hidden)
         self.critic_hidden = tuple(int(h) for h in self.critic_hidden)
+        for name in ("actor_hidden", "critic_hidden"):
+            if any(h < 1 for h in getattr(self, name)):
+                raise ValueError(f"{name} sizes must be positive, got {list(getattr(self, name))}")
 
 
 def action_bounds(action_spec: TensorSpec) -> tuple[torch.Tensor, torch.Tensor]:

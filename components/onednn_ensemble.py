@@ -27,6 +27,7 @@ _linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if hasattr(torch.
 def available_for(rows: torch.Tensor, weights, activation: torch.nn.Module) -> bool:
     """Whether `ReluEnsembleOneDNN` can evaluate these rows and weights."""
     return (_linear is not None and torch.backends.mkldnn.is_available() and isinstance(activation, torch.nn.ReLU)
+            and len(weights) >= 2  # its backward assumes a hidden layer; a linear critic takes the batched path
             and rows.device.type == "cpu" and rows.dtype == torch.float32
             and all(w.dtype == torch.float32 and w.device.type == "cpu" for w in weights))
 

@@ -43,7 +43,7 @@ def make_optimizer(loss: CQLSACLoss, cfg: OptimConfig, capturable: bool = False)
         {"params": list(loss.critic_network.parameters()), "lr": cfg.critic_lr},
         {"params": [loss.log_alpha], "lr": cfg.alpha_lr},
     ]
-    if loss.cfg.lagrange:
+    if loss.tunes_alpha_prime:
         groups.append({"params": [loss.log_alpha_prime], "lr": cfg.alpha_prime_lr})
     return torch.optim.Adam(groups, fused=True, capturable=capturable)
 

@@ -25,11 +25,11 @@ HIGH = torch.tensor([2.0, 3.0])
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def build_loss(seed=0, dtype=torch.float64, **options) -> CQLSACLoss:
+def build_loss(seed=0, dtype=torch.float64, critic_hidden=(8, 8), **options) -> CQLSACLoss:
     torch.manual_seed(seed)
     obs_spec = Unbounded(shape=(OBS_DIM,))
     act_spec = Bounded(low=LOW, high=HIGH, shape=(ACT_DIM,))
-    net = NetworkConfig(actor_hidden=(8, 8), critic_hidden=(8, 8))
+    net = NetworkConfig(actor_hidden=(8, 8), critic_hidden=critic_hidden)
     loss = CQLSACLoss(make_actor(obs_spec, act_spec, net), make_critics(obs_spec, act_spec, net),
                       LossConfig(**{"num_actions": 3, **options}))
     with torch.no_grad():
@@ -308,11 +308,10 @@ def test_next_state_actions_are_evaluated_at_the_current_state():
     noise = loss.draw_noise(BATCH)
     got = loss.compute(batch, noise)["cql_gap"]
     # Same computation, but with Q(s', a'_k): must differ from what the module gives.
-    noise_next_only = dict(noise)
     critics = loss.critic
     obs, next_obs = batch["observation"], batch["next", "observation"]
     loc_n, scale_n = loss.policy_params(next_obs)
-    a_nxt, lp_nxt = loss.squashed_sample(loc_n.unsqueeze(1), scale_n.unsqueeze(1), noise_next_only["cql_next"])
+    a_nxt, lp_nxt = loss.squashed_sample(loc_n.unsqueeze(1), scale_n.unsqueeze(1), noise["cql_next"])
     loc, scale = loss.policy_params(obs)
     a_cur, lp_cur = loss.squashed_sample(loc.unsqueeze(1), scale.unsqueeze(1), noise["cql_current"])
     u = loss.action_low + (loss.action_high - loss.action_low) * noise["uniform"]
@@ -351,11 +350,80 @@ def test_lagrange_penalty_scaled_by_detached_alpha_prime_and_dual_loss_detached(
     torch.testing.assert_close(doubled, 2 * penalty, **TOL)
 
 
-# ---- gradients reach only their own parameters ---------------------------------------------
-@pytest.mark.parametrize("options", [dict(), dict(lagrange=True, calibrated=True), dict(bc_steps=10)])
-def test_each_loss_moves_only_its_own_parameters(options):
+@pytest.mark.parametrize("update_count, uses_bc", [(4, True), (5, False)])
+def test_bc_warm_start_ends_after_bc_steps_updates(update_count, uses_bc):
+    loss = build_loss(bc_steps=5)
+    loss.update_count.fill_(update_count)
+    batch = make_batch()
+    noise = loss.draw_noise(BATCH)
+    got = loss.compute(batch, noise)["loss_actor"]
+    with torch.no_grad():
+        torch.testing.assert_close(got, reference_losses(loss, batch, noise)["loss_actor"], **TOL)
+        sac = build_loss()
+        sac.update_count.fill_(update_count)
+        differs_from_sac = abs((got - sac.compute(batch, noise)["loss_actor"]).item()) > 1e-3
+    assert differs_from_sac == uses_bc
+
+
+def test_linear_critics_match_reference_in_float32():
+    loss32 = build_loss(dtype=torch.float32, critic_hidden=())
+    loss64 = build_loss(dtype=torch.float64, critic_hidden=())
+    noise = loss32.draw_noise(BATCH)
+    got = loss32.compute(make_batch(dtype=torch.float32), noise)
+    got["loss_qvalue"].backward()  # the float32 CPU backward of a critic without hidden layers
+    with torch.no_grad():
+        expected = reference_losses(loss64, make_batch(), {k: v.double() for k, v in noise.items()})
+    torch.testing.assert_close(got["loss_qvalue"].detach().double(), expected["loss_qvalue"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("missing", [("next", "terminated"), "mc_return"])
+def test_batch_without_an_input_key_is_a_clear_error(missing):
+    loss = build_loss(calibrated=True)
+    batch = make_batch().exclude(missing)
+    with pytest.raises(KeyError, match="the batch lacks"):
+        loss.compute(batch, loss.draw_noise(BATCH))
+
+
+@pytest.mark.parametrize("options", [dict(), dict(cql_weight=0.0), dict(lagrange=True),
+                                     dict(lagrange=True, cql_weight=0.0)])
+def test_out_keys_are_what_compute_writes(options):
     loss = build_loss(**options)
     out = loss.compute(make_batch(), loss.draw_noise(BATCH))
+    assert sorted(out.keys()) == sorted(loss.out_keys)
+    assert loss.log_alpha_prime.requires_grad == loss.tunes_alpha_prime
+
+
+# ---- gradients ------------------------------------------------------------------------------
+def own_parameters(loss) -> dict[str, list]:
+    """Each loss's own parameters: the only ones it may move."""
+    return {"loss_actor": list(loss.actor_network.parameters()), "loss_qvalue": list(loss.critic_network.parameters()),
+            "loss_alpha": [loss.log_alpha], "loss_alpha_prime": [loss.log_alpha_prime]}
+
+
+@pytest.mark.parametrize("options", [dict(), dict(lagrange=True, calibrated=True), dict(bc_steps=10),
+                                     dict(max_q_backup=True, backup_entropy=False, cql_temperature=0.5),
+                                     dict(cql_weight=0.0)], ids=str)
+def test_each_loss_gradient_matches_the_reference(options):
+    """The gradients on each loss's own parameters equal those of the plain reference (autograd through it)."""
+    loss = build_loss(**options)
+    batch = make_batch()
+    noise = loss.draw_noise(BATCH)
+    got = loss.compute(batch, noise)
+    expected = reference_losses(loss, batch, noise)
+    for key, params in own_parameters(loss).items():
+        if key not in got.keys():
+            continue
+        for g, e in zip(torch.autograd.grad(got[key], params, retain_graph=True),
+                        torch.autograd.grad(expected[key], params, retain_graph=True)):
+            torch.testing.assert_close(g, e, **TOL, msg=f"gradient of {key} differs")
+
+
+# ---- gradients reach only their own parameters ---------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32 on CPU: the oneDNN backward
+@pytest.mark.parametrize("options", [dict(), dict(lagrange=True, calibrated=True), dict(bc_steps=10)])
+def test_each_loss_moves_only_its_own_parameters(options, dtype):
+    loss = build_loss(dtype=dtype, **options)
+    out = loss.compute(make_batch(dtype=dtype), loss.draw_noise(BATCH))
     groups = {
         "actor": list(loss.actor_network.parameters()),
         "critic": list(loss.critic_network.parameters()),
