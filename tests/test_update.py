@@ -1,0 +1,92 @@
+"""`update_step` against a hand computation: per-loss gradients, Adam's first step per group, Polyak."""
+
+import pytest
+import torch
+from tensordict import TensorDict
+from torchrl.data import Bounded, Unbounded
+
+from cqlsac.components.cql_loss import CQLSACLoss, LossConfig
+from cqlsac.components.networks import NetworkConfig, make_actor, make_critics
+from cqlsac.components.update import OptimConfig, make_optimizer, polyak_update, update_step
+
+OBS_DIM, ACT_DIM, BATCH = 3, 2, 6
+# Four different rates, so that a parameter in the wrong group shows.
+OPTIM = OptimConfig(actor_lr=1e-2, critic_lr=3e-3, alpha_lr=7e-4, alpha_prime_lr=2e-4, tau=0.1)
+
+
+def small_loss(**options) -> CQLSACLoss:
+    torch.manual_seed(0)
+    net = NetworkConfig(actor_hidden=(8,), critic_hidden=(8,))
+    obs_spec = Unbounded(shape=(OBS_DIM,))
+    act_spec = Bounded(low=-torch.ones(ACT_DIM), high=torch.ones(ACT_DIM), shape=(ACT_DIM,))
+    return CQLSACLoss(make_actor(obs_spec, act_spec, net), make_critics(obs_spec, act_spec, net),
+                      LossConfig(num_actions=2, **options))
+
+
+def small_batch() -> TensorDict:
+    g = torch.Generator().manual_seed(1)
+    zeros = torch.zeros(BATCH, 1, dtype=torch.bool)
+    return TensorDict({"observation": torch.randn(BATCH, OBS_DIM, generator=g),
+                       "action": torch.rand(BATCH, ACT_DIM, generator=g) * 1.8 - 0.9,
+                       "next": {"observation": torch.randn(BATCH, OBS_DIM, generator=g),
+                                "reward": torch.randn(BATCH, 1, generator=g), "done": zeros, "terminated": zeros}},
+                      [BATCH])
+
+
+def test_polyak_update_moves_each_target_weight_by_tau():
+    target, source = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        target.weight.copy_(torch.tensor([[1.0, -2.0]]))
+        target.bias.fill_(4.0)
+        source.weight.copy_(torch.tensor([[3.0, 2.0]]))
+        source.bias.fill_(0.0)
+    polyak_update(target, source, tau=0.25)
+    torch.testing.assert_close(target.weight, torch.tensor([[1.5, -1.0]]))  # 0.75 * target + 0.25 * source
+    torch.testing.assert_close(target.bias, torch.tensor([3.0]))
+    torch.testing.assert_close(source.weight, torch.tensor([[3.0, 2.0]]))  # the source is left alone
+
+
+@pytest.mark.parametrize("options, has_alpha_prime", [(dict(), False), (dict(lagrange=True), True),
+                                                      (dict(lagrange=True, cql_weight=0.0), False)])
+def test_optimizer_groups_hold_their_own_parameters_and_rates(options, has_alpha_prime):
+    loss = small_loss(**options)
+    groups = make_optimizer(loss, OPTIM).param_groups
+    expected = [(list(loss.actor_network.parameters()), OPTIM.actor_lr),
+                (list(loss.critic_network.parameters()), OPTIM.critic_lr),
+                ([loss.log_alpha], OPTIM.alpha_lr)]
+    if has_alpha_prime:
+        expected.append(([loss.log_alpha_prime], OPTIM.alpha_prime_lr))
+    assert len(groups) == len(expected)
+    for group, (params, lr) in zip(groups, expected):
+        assert group["lr"] == lr
+        assert [id(p) for p in group["params"]] == [id(p) for p in params]
+
+
+@pytest.mark.parametrize("options", [dict(), dict(lagrange=True)])
+def test_update_step_is_adams_first_step_on_each_loss_then_polyak(options):
+    """Adam's first step moves each parameter by lr * g / (|g| + eps), g the gradient of its own loss."""
+    loss = small_loss(**options)
+    optimizer = make_optimizer(loss, OPTIM)
+    batch = small_batch()
+    owners = [("loss_actor", list(loss.actor_network.parameters()), OPTIM.actor_lr),
+              ("loss_qvalue", list(loss.critic_network.parameters()), OPTIM.critic_lr),
+              ("loss_alpha", [loss.log_alpha], OPTIM.alpha_lr)]
+    if loss.tunes_alpha_prime:
+        owners.append(("loss_alpha_prime", [loss.log_alpha_prime], OPTIM.alpha_prime_lr))
+    torch.manual_seed(5)
+    losses = loss.compute(batch, loss.draw_noise(BATCH))  # the noise update_step will draw below
+    expected = {}  # parameter -> its value after the step
+    for key, params, lr in owners:
+        grads = torch.autograd.grad(losses[key], params, retain_graph=True)
+        expected.update({p: p.detach() - lr * g / (g.abs() + 1e-8) for p, g in zip(params, grads)})
+    expected_targets = [t.detach() + OPTIM.tau * (expected[c] - t.detach())
+                        for t, c in zip(loss.target_critic.parameters(), loss.critic_network.parameters())]
+
+    torch.manual_seed(5)
+    update_step(loss, optimizer, batch, OPTIM.tau)
+
+    for param, value in expected.items():
+        torch.testing.assert_close(param.detach(), value, rtol=1e-5, atol=1e-6)
+    for target, value in zip(loss.target_critic.parameters(), expected_targets):
+        torch.testing.assert_close(target, value, rtol=1e-5, atol=1e-6)
+    assert int(loss.update_count) == 1
