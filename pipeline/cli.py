@@ -7,7 +7,7 @@ import json
 import sys
 
 from cqlsac.pipeline.config import ConfigError
-from cqlsac.pipeline.datasets_cli import USER_ERRORS, add_datasets_parser
+from cqlsac.pipeline.datasets_cli import USER_ERRORS, add_datasets_parser, positive_int
 
 
 DIVERGED = 3  # exit status of a run stopped by a NaN/Inf loss or Q-value
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(handler=run_command)
     evaluate = commands.add_parser("eval", help="evaluate a policy checkpoint")
     evaluate.add_argument("checkpoint")
-    evaluate.add_argument("--episodes", type=int, default=10)
+    evaluate.add_argument("--episodes", type=positive_int, default=10)
     evaluate.add_argument("--seed", type=int, default=10_000)
     evaluate.set_defaults(handler=eval_command)
     add_datasets_parser(commands)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import types
 import typing
@@ -51,17 +52,32 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(actor_lr=1e-3, critic_lr=1e-3, alpha_lr=1e-3))
 
     def __post_init__(self):
-        check_eval_grid("pretrain", self.eval_every, self.frames_per_batch)
+        check_numbers(self, "pretrain", positive=("utd_ratio", "batch_size", "eval_episodes"),
+                      non_negative=("init_random_frames",))
+        check_batch_grid("pretrain", self.frames, self.eval_every, self.frames_per_batch)
 
 
-def check_eval_grid(section: str, eval_every: int, frames_per_batch: int) -> None:
-    """Evaluations happen between collector batches: any other `eval_every` would silently move them."""
-    for name, value in (("frames_per_batch", frames_per_batch), ("eval_every", eval_every)):
+def check_numbers(config, section: str, positive=(), non_negative=()) -> None:
+    """Counts and sizes in range: a zero or negative one otherwise fails deep inside torch, or not at all."""
+    for names, low, what in ((positive, 0, "positive"), (non_negative, -1, "zero or more")):
+        for name in names:
+            value = getattr(config, name)
+            if not value > low:
+                raise ConfigError(f"{section}.{name} must be {what}, got {value}")
+
+
+def check_batch_grid(section: str, frames: int, eval_every: int, frames_per_batch: int) -> None:
+    """The collector delivers whole batches and evaluations happen between them, so `frames` and
+    `eval_every` must be multiples of `frames_per_batch`: otherwise the collector overfills a buffer
+    sized for `frames` and evaluations silently move."""
+    for name, value in (("frames_per_batch", frames_per_batch), ("eval_every", eval_every), ("frames", frames)):
         if value < 1:
             raise ConfigError(f"{section}.{name} must be a positive number of frames, got {value}")
-    if eval_every % frames_per_batch:
-        raise ConfigError(f"{section}.eval_every ({eval_every}) must be a multiple of {section}.frames_per_batch "
-                          f"({frames_per_batch}): evaluations happen between collector batches")
+    for name, value, why in (("eval_every", eval_every, "evaluations happen between collector batches"),
+                             ("frames", frames, "the collector delivers whole batches")):
+        if value % frames_per_batch:
+            raise ConfigError(f"{section}.{name} ({value}) must be a multiple of {section}.frames_per_batch "
+                              f"({frames_per_batch}): {why}")
 
 
 @dataclass
@@ -73,14 +89,19 @@ class DatasetConfig:
     steps: int = 10000
     # Return level of the `medium` policy: this fraction of the way from random to the best return.
     medium_level: float = 1 / 3
-    # Score the dataset against the best pretrain policy (D4RL normalisation); off for smoke runs
-    # whose pretraining is too short to beat random play.
+    # Score the dataset against the best pretrain policy (D4RL normalisation). False, for smoke runs
+    # whose pretraining is too short to beat random play: the dataset's own behaviour policy is the
+    # 100 mark where it beats random (as `cqlsac datasets create` without --expert), else no scores;
+    # such normalised scores do not compare across runs.
     reference_scores: bool = True
 
     def __post_init__(self):
         presets = ("random", "medium", "expert", "medium-replay", "medium-expert")
         if self.preset not in presets:
             raise ConfigError(f"dataset.preset must be one of {presets}, got {self.preset!r}")
+        check_numbers(self, "dataset", positive=("steps",))
+        if not 0.0 <= self.medium_level <= 1.0:
+            raise ConfigError(f"dataset.medium_level must be in [0, 1], got {self.medium_level}")
 
 
 def cql_optim() -> OptimConfig:
@@ -95,6 +116,9 @@ class OfflineConfig:
     log_every: int = 100
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=cql_optim)
+
+    def __post_init__(self):
+        check_numbers(self, "offline", positive=("batch_size", "log_every"), non_negative=("updates",))
 
 
 @dataclass
@@ -134,13 +158,17 @@ class FinetuneConfig:
         for name in ("offline_fraction", "offline_fraction_end"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"finetune.{name} must be in [0, 1], got {getattr(self, name)}")
-        check_eval_grid("finetune", self.eval_every, self.frames_per_batch)
+        check_numbers(self, "finetune", positive=("utd_ratio", "batch_size", "eval_episodes"))
+        check_batch_grid("finetune", self.frames, self.eval_every, self.frames_per_batch)
 
 
 @dataclass
 class EvaluateConfig:
     episodes: int = 10
     seed: int = 10_000
+
+    def __post_init__(self):
+        check_numbers(self, "evaluate", positive=("episodes",))
 
 
 @dataclass
@@ -162,7 +190,7 @@ class CheckpointConfig:
 @dataclass
 class PipelineConfig:
     seed: int = 0
-    stages: list = field(default_factory=lambda: list(STAGES))
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
     output_dir: str = "runs"
     # Finished stage outputs, shared by runs: a stage with the same inputs is not run again.
     cache_dir: str = "runs/cache"
@@ -186,10 +214,14 @@ class PipelineConfig:
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ConfigError(f"stages: unknown stage(s) {unknown}; the stages are {list(STAGES)}")
+        if not self.stages:
+            raise ConfigError(f"stages: the list is empty; name one or more of {list(STAGES)}")
         if not self.q_value_bound > 0:
             raise ConfigError(f"q_value_bound must be positive, got {self.q_value_bound}")
         if self.logger not in ("csv", "tensorboard"):
             raise ConfigError(f"logger must be 'csv' or 'tensorboard', got {self.logger!r}")
+        if self.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("logger: tensorboard is not installed; `pip install tensorboard` or use logger=csv")
         finetune_weight = self.offline.loss.cql_weight if self.finetune.cql_weight is None else self.finetune.cql_weight
         if self.finetune.calibrated and finetune_weight == 0:
             raise ConfigError("finetune.calibrated: Cal-QL changes the CQL penalty, which finetune.cql_weight = 0 "

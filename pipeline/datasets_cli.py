@@ -28,6 +28,17 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts (episodes, steps): zero or less would fail later, deep inside."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_datasets_parser(subparsers) -> argparse.ArgumentParser:
     """Register `datasets` on the main parser's subparsers; its handler is `args.handler(args) -> int`."""
     parser = subparsers.add_parser("datasets", help="list, show and create offline datasets (Minari format)",
@@ -46,14 +57,14 @@ def add_datasets_parser(subparsers) -> argparse.ArgumentParser:
                         help='gymnasium.make kwargs, e.g. \'{"continuous": true, "max_episode_steps": 500}\'')
     create.add_argument("--policy", action="append", default=[], metavar="CHECKPOINT|random",
                         help="behaviour policy; give two (medium, expert) for --preset medium-expert")
-    create.add_argument("--steps", type=int, help="number of environment steps to collect")
+    create.add_argument("--steps", type=positive_int, help="number of environment steps to collect")
     create.add_argument("--preset", choices=PRESETS, help="D4RL dataset kind (random is implied by --policy random)")
     create.add_argument("--replay", type=Path, metavar="DIR",
                         help="medium-replay: a memory-mapped TensorDict of a run's transitions, in time order")
     reference = create.add_mutually_exclusive_group()
     reference.add_argument("--expert", metavar="CHECKPOINT", help="expert policy whose return is ref_max_score")
     reference.add_argument("--ref-max-score", type=float, metavar="VALUE", help="expert return, given directly")
-    create.add_argument("--ref-episodes", type=int, default=10, help="episodes per reference score (default 10)")
+    create.add_argument("--ref-episodes", type=positive_int, default=10, help="episodes per reference score (default 10)")
     create.add_argument("--seed", type=int, default=0)
     create.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
     parser.set_defaults(handler=run_datasets_command)
