@@ -3,13 +3,14 @@
 from cqlsac.datasets.offline import (
     DatasetInfo,
     check_spaces,
+    dataset_fingerprint,
     default_cache_dir,
     discounted_returns,
     load_offline_replay,
     load_transitions,
     normalized_score,
 )
-from cqlsac.datasets.store import DatasetError, datasets_root, list_local_datasets, open_dataset
+from cqlsac.datasets.store import DatasetError, datasets_root, is_local, list_local_datasets, open_dataset
 from cqlsac.datasets.writer import (
     Episode,
     check_reference_scores,
@@ -25,9 +26,11 @@ __all__ = [
     "check_reference_scores",
     "check_spaces",
     "check_writable",
+    "dataset_fingerprint",
     "datasets_root",
     "default_cache_dir",
     "discounted_returns",
+    "is_local",
     "list_local_datasets",
     "load_offline_replay",
     "load_transitions",

@@ -76,6 +76,11 @@ def _fingerprint(data_path: Path) -> str:
     return hashlib.sha256(repr(entries).encode()).hexdigest()
 
 
+def dataset_fingerprint(dataset_id: str) -> str:
+    """Changes whenever the local dataset's files do: the same id re-created is other data."""
+    return _fingerprint(Path(open_dataset(dataset_id).spec.data_path))
+
+
 def _box_spaces(dataset: minari.MinariDataset) -> tuple[gym.spaces.Box, gym.spaces.Box]:
     for name, space in (("observation", dataset.observation_space), ("action", dataset.action_space)):
         if not isinstance(space, gym.spaces.Box):

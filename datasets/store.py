@@ -40,6 +40,12 @@ def list_local_datasets() -> dict[str, dict]:
     return minari.list_local_datasets()
 
 
+def is_local(dataset_id: str) -> bool:
+    """Whether the local Minari store holds `dataset_id`."""
+    validate_dataset_id(dataset_id)
+    return (get_dataset_path(dataset_id) / "data").is_dir()
+
+
 def unknown_dataset_error(dataset_id: str) -> DatasetError:
     local = ", ".join(list_local_datasets()) or "none"
     return DatasetError(

@@ -25,16 +25,17 @@ from cqlsac.components.allocator import keep_freed_memory
 from cqlsac.components.collector import make_collector
 from cqlsac.components.cql_loss import CQLSACLoss, LossConfig
 from cqlsac.components.envs import make_env
-from cqlsac.components.networks import NetworkConfig, make_actor, make_critics
+from cqlsac.components.networks import NetworkConfig, action_bounds, make_actor, make_critics
 from cqlsac.components.replay import MixedReplay, make_online_buffer
 from cqlsac.components.update import make_optimizer
-from cqlsac.datasets.offline import check_spaces, load_offline_replay, normalized_score
+from cqlsac.datasets import check_spaces, dataset_fingerprint, is_local, load_offline_replay, normalized_score
 from cqlsac.pipeline import report
 from cqlsac.pipeline.checkpoints import atomic_write_text, load_agent, load_policy, save_agent, save_policy
 from cqlsac.pipeline.config import STAGES, ConfigError, PipelineConfig, config_hash
 from cqlsac.pipeline.dataset_creation import create_dataset, write_replay_dataset
 from cqlsac.pipeline.training import (
     STATE_SUFFIX,
+    CurveRecord,
     EpisodeAccumulator,
     OnlineRecord,
     Supervisor,
@@ -116,14 +117,22 @@ class Pipeline:
         return CQLSACLoss(actor, critic, loss_cfg)
 
     def check_env(self) -> None:
-        """Make the env once, so an unknown id or bad kwargs fail before any output is written."""
+        """Make the env once, so an unknown id, bad kwargs or discrete actions fail before any output is written."""
         try:
-            self.env().close()
+            env = self.env()
         except (TypeError, gym.error.Error) as exc:
             raise ConfigError(f"env.kwargs {self.cfg.env.kwargs} do not work with {self.cfg.env.id} "
                               f"({str(exc).splitlines()[0]}); fix or remove env.kwargs") from None
+        try:
+            action_bounds(env.action_spec)
+        except TypeError as exc:
+            raise ConfigError(f"env.id {self.cfg.env.id}: {exc}; pick an env with continuous actions "
+                              "(LunarLander-v3 has them with env.kwargs: {continuous: true})") from None
+        finally:
+            env.close()
 
-    def supervisor(self, stage: str, part: str, loss, optimizer, record: OnlineRecord | None = None) -> Supervisor:
+    def supervisor(self, stage: str, part: str, loss, optimizer,
+                   record: OnlineRecord | CurveRecord | None = None) -> Supervisor:
         """The supervisor of one training loop of `stage`, checkpointing to `<stage dir>/<part>.state.pt`."""
         offline = stage == "offline"
         every = self.cfg.checkpoints.offline_every if offline else self.cfg.checkpoints.online_every
@@ -177,8 +186,11 @@ class Pipeline:
         if name not in self._hashes:
             stage = STAGE_TABLE[name]
             versioned = name if stage.version == 1 else f"{name}-v{stage.version}"
-            self._hashes[name] = config_hash(versioned, self.cfg.seed, *stage.sections(self.cfg),
-                                             *[self.stage_hash(i) for i in self.inputs_of(stage)])
+            parts = [*stage.sections(self.cfg), *[self.stage_hash(i) for i in self.inputs_of(stage)]]
+            if "dataset" in stage.inputs and self.cfg.dataset.name is not None:
+                # A dataset re-created under the same name is other data: what read it runs again.
+                parts.append(dataset_fingerprint(self.cfg.dataset.name))
+            self._hashes[name] = config_hash(versioned, self.cfg.seed, *parts)
         return self._hashes[name]
 
     def inputs_of(self, stage: Stage) -> tuple[str, ...]:
@@ -206,12 +218,22 @@ class Pipeline:
         return order
 
     def stage_dir(self, name: str) -> Path:
-        return Path(self.cfg.cache_dir) / f"{name}-{self.stage_hash(name)}"
+        # Absolute, so that the paths stages record in their outputs work from any working directory.
+        return Path(self.cfg.cache_dir).resolve() / f"{name}-{self.stage_hash(name)}"
 
     def finished_outputs(self, name: str) -> dict | None:
-        """What stage `name` wrote when it finished for this config; None if it has not finished."""
+        """What stage `name` wrote when it finished for this config; None if it has not finished.
+
+        A dataset stage whose Minari dataset is no longer in the local store (deleted, or another
+        MINARI_DATASETS_PATH) has not finished: it runs again.
+        """
         done = self.stage_dir(name) / OUTPUTS
-        return json.loads(done.read_text()) if done.is_file() else None
+        if not done.is_file():
+            return None
+        outputs = json.loads(done.read_text())
+        if name == "dataset" and not is_local(outputs["dataset_id"]):
+            return None
+        return outputs
 
     def run(self, stages=None) -> dict:
         """Run (or reuse) the stages; write the report and `summary.json`; return the summary.
@@ -338,16 +360,22 @@ def run_offline(pipe: Pipeline, out: Path) -> dict:
     loss = pipe.new_agent(ocfg.loss)
     optimizer = make_optimizer(loss, ocfg.optim)
     keys = loss.in_keys
-    supervisor = pipe.supervisor("offline", "offline", loss, optimizer)
+    curve = CurveRecord()  # for the report, which cannot read the logs of a run that reused this stage
+    supervisor = pipe.supervisor("offline", "offline", loss, optimizer, curve)
+
+    def log(prefix, metrics, step):
+        pipe.log(prefix, metrics, step)
+        curve.add(step, metrics)
+
     train_offline(loss, optimizer, ocfg.optim.tau, lambda: replay.sample().select(*keys), ocfg.updates,
-                  pipe.log, ocfg.log_every, supervisor)
+                  log, ocfg.log_every, supervisor)
     mean_return = pipe.evaluate(loss.actor_network, pipe.cfg.evaluate.episodes)
     pipe.logger.log_scalar("offline/eval_return", mean_return, step=ocfg.updates)
     save_agent(out / "agent.pt", loss)
     save_policy(out / "policy.pt", loss.actor_network, pipe.cfg.env.id, pipe.cfg.network, pipe.cfg.env.kwargs,
                 mean_return=mean_return)
     return {"agent": str(out / "agent.pt"), "policy": str(out / "policy.pt"), "eval_return": mean_return,
-            "dataset_id": info.dataset_id, "dataset_mean_return": info.mean_return}
+            "dataset_id": info.dataset_id, "dataset_mean_return": info.mean_return, "curve": curve.points}
 
 
 def run_finetune(pipe: Pipeline, out: Path) -> dict:
@@ -438,14 +466,17 @@ def run_evaluate(pipe: Pipeline, out: Path) -> dict:
 
 
 STAGE_TABLE = {
-    "pretrain": Stage("pretrain", (), lambda c: (c.env, c.network, c.pretrain), run_pretrain),
+    # `offline.loss.gamma` is pretraining's discount too.
+    "pretrain": Stage("pretrain", (), lambda c: (c.env, c.network, c.pretrain, c.offline.loss.gamma), run_pretrain),
     # v2: the medium policy is stopped early (`pick_medium`).
     "dataset": Stage("dataset", ("pretrain",), lambda c: (c.env, c.dataset), run_dataset, version=2),
     "offline": Stage("offline", ("dataset",), lambda c: (c.env, c.network, c.dataset, c.offline, c.evaluate),
                      run_offline),
     # v2: SAC from scratch is seeded on its own. v3: the offline policy's point of the fine-tuning
-    # curve comes from the fine-tuning evaluation protocol.
-    "finetune": Stage("finetune", ("offline",), lambda c: (c.env, c.finetune, c.pretrain.optim), run_finetune,
+    # curve comes from the fine-tuning evaluation protocol. The pretrain settings SAC from scratch
+    # uses are hashed here too, as a named dataset drops the pretrain stage's hash from the chain.
+    "finetune": Stage("finetune", ("offline",),
+                      lambda c: (c.env, c.finetune, c.pretrain.optim, c.pretrain.init_random_frames), run_finetune,
                       version=3),
     "evaluate": Stage("evaluate", ("finetune",), lambda c: (c.env, c.evaluate), run_evaluate),
 }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -11,15 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-
-def read_scalar(run_dir: Path, name: str) -> tuple[list[float], list[float]]:
-    """(steps, values) of one scalar logged by the CSV logger; empty when it was not logged."""
-    path = run_dir / "logs" / "scalars" / f"{name}.csv"
-    if not path.is_file():
-        return [], []
-    with path.open() as f:
-        rows = [(float(step), float(value)) for step, value in csv.reader(f)]
-    return [s for s, _ in rows], [v for _, v in rows]
+from cqlsac.pipeline.checkpoints import atomic_write_text  # noqa: E402
 
 
 def steps_to_reach(evals: list, level: float) -> int | None:
@@ -60,10 +51,11 @@ def plot_curves(pipe, path: Path) -> None:
         if evals:
             ax_return.plot(*zip(*evals), marker="o", label=label)
     ax_return.set(xlabel="online environment steps", ylabel="mean evaluation return", title="Fine-tuning")
-    for name in ("offline/q_data", "offline/cql_gap"):
-        steps, values = read_scalar(pipe.run_dir, name)
-        if steps:
-            ax_q.plot(steps, values, label=name)
+    curve = pipe.outputs.get("offline", {}).get("curve")
+    if curve:
+        updates, q_data, cql_gap = zip(*curve)
+        ax_q.plot(updates, q_data, label="Q at the data actions")
+        ax_q.plot(updates, cql_gap, label="CQL gap")
     ax_q.set(xlabel="offline updates", title="Offline Q-values and CQL gap")
     for ax in (ax_return, ax_q):
         if ax.get_legend_handles_labels()[0]:
@@ -90,10 +82,10 @@ def write(pipe) -> dict:
         "stage_seconds": pipe.stage_seconds,
         "stage_outputs": {name: str(pipe.stage_dir(name)) for name in pipe.outputs},
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     plot_curves(pipe, run_dir / "curves.png")
     lines = ["# cqlsac run report", "", f"Run directory: `{run_dir}`", "", "| quantity | value |", "| --- | --- |"]
     lines += [f"| {key} | {value} |" for key, value in summary.items() if key not in ("stage_outputs", "run_dir")]
     lines += ["", "![learning curves](curves.png)", ""]
-    (run_dir / "report.md").write_text("\n".join(lines))
+    atomic_write_text(run_dir / "report.md", "\n".join(lines))
     return summary

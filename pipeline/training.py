@@ -95,12 +95,12 @@ class Supervisor:
 
     `step` counts the loop's `unit`: updates (offline) or collected frames (online); a checkpoint
     is saved every `every` steps, at the end, and when a stop signal arrives. `record` (an
-    `OnlineRecord`) holds what the stage gathered besides the networks; `on_resume(step)` drops
+    `OnlineRecord` or a `CurveRecord`) holds what the stage gathered besides the networks; `on_resume(step)` drops
     what the interrupted run logged after the checkpoint it resumes from.
     """
 
     def __init__(self, name: str, unit: str, path: Path, fingerprint: str, loss: CQLSACLoss, optimizer, every: int,
-                 q_bound: float, resume: bool, record: OnlineRecord | None = None,
+                 q_bound: float, resume: bool, record: OnlineRecord | CurveRecord | None = None,
                  on_resume: Callable[[int], None] = lambda step: None):
         self.name, self.unit, self.path, self.fingerprint = name, unit, path, fingerprint
         self.on_resume = on_resume
@@ -276,6 +276,23 @@ class EpisodeAccumulator:
         if start < data.shape[0]:
             self.pending.append(data[start:])
         return torch.cat(completed)
+
+
+class CurveRecord:
+    """Points (update, q_data, cql_gap) an offline loop logged, kept in its checkpoints so that a
+    resumed stage still reports its whole curve."""
+
+    def __init__(self):
+        self.points: list[tuple[int, float, float]] = []
+
+    def add(self, step: int, metrics: TensorDictBase) -> None:
+        self.points.append((step, metrics["q_data"].item(), metrics["cql_gap"].item()))
+
+    def state_dict(self, state_path: Path) -> dict:
+        return {"points": list(self.points)}
+
+    def load_state_dict(self, state: dict, state_path: Path) -> None:
+        self.points[:] = [tuple(point) for point in state["points"]]
 
 
 def rows_state(rows: TensorDictBase) -> dict:
