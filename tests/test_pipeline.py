@@ -60,6 +60,18 @@ def test_yaml_round_trip_and_overrides(tmp_path):
     ("finetune.eval_every=250", "finetune.eval_every (250) must be a multiple of finetune.frames_per_batch (100)"),
     ("pretrain.frames_per_batch=300", "pretrain.eval_every (200) must be a multiple of pretrain.frames_per_batch (300)"),
     ("finetune.frames_per_batch=0", "finetune.frames_per_batch must be a positive number of frames, got 0"),
+    ("pretrain.frames=450", "pretrain.frames (450) must be a multiple of pretrain.frames_per_batch (200)"),
+    ("pretrain.batch_size=-1", "pretrain.batch_size must be positive, got -1"),
+    ("pretrain.init_random_frames=-1", "pretrain.init_random_frames must be zero or more, got -1"),
+    ("offline.log_every=0", "offline.log_every must be positive, got 0"),
+    ("offline.updates=-1", "offline.updates must be zero or more, got -1"),
+    ("finetune.utd_ratio=0", "finetune.utd_ratio must be positive, got 0"),
+    ("evaluate.episodes=0", "evaluate.episodes must be positive, got 0"),
+    ("dataset.medium_level=5", "dataset.medium_level must be in [0, 1], got 5.0"),
+    ("dataset.steps=0", "dataset.steps must be positive, got 0"),
+    ("network.critic_hidden=[0]", "critic_hidden sizes must be positive"),
+    ("stages=offline", "stages must be a list"),
+    ("stages=[]", "stages: the list is empty"),
 ])
 def test_bad_config_names_the_key(override, message):
     with pytest.raises(ConfigError) as err:
@@ -86,6 +98,58 @@ def test_stage_hash_depends_only_on_its_inputs():
         assert base.stage_hash(stage) == changed.stage_hash(stage)
     for stage in ("finetune", "evaluate"):
         assert base.stage_hash(stage) != changed.stage_hash(stage)
+
+
+def test_pretraining_reruns_when_its_discount_changes():
+    assert Pipeline(PipelineConfig.from_yaml(None, ["offline.loss.gamma=0.9"])).stage_hash("pretrain") != \
+        Pipeline(PipelineConfig()).stage_hash("pretrain")
+
+
+def test_with_a_named_dataset_its_files_and_the_baselines_settings_key_the_stages_after_it(dataset_store):
+    def hashes(*overrides):
+        pipe = Pipeline(PipelineConfig.from_yaml(None, ["dataset.name=test/named-v0", *overrides]))
+        assert pipe.plan() == ["offline", "finetune", "evaluate"]  # no pretrain hash in the chain
+        return [pipe.stage_hash(name) for name in ("offline", "finetune", "evaluate")]
+
+    create = ["datasets", "create", "test/named-v0", "--env", "Pendulum-v1", "--policy", "random", "--steps", "200"]
+    assert main(create) == 0
+    before = hashes()
+    assert hashes() == before
+    # SAC from scratch reads these pretrain settings: fine-tuning and evaluation run again.
+    for key in ("pretrain.init_random_frames=0", "pretrain.optim.critic_lr=0.003"):
+        assert hashes(key)[0] == before[0] and all(new != old for new, old in zip(hashes(key)[1:], before[1:]))
+    assert main([*create, "--seed", "1", "--overwrite"]) == 0  # other data under the same name
+    assert all(new != old for new, old in zip(hashes(), before))
+
+
+def test_a_dataset_stage_whose_dataset_is_gone_runs_again(workdir):
+    pipe = Pipeline(PipelineConfig.from_yaml(None, tiny(workdir)))
+    stage_dir = pipe.stage_dir("dataset")
+    stage_dir.mkdir(parents=True)
+    (stage_dir / "outputs.json").write_text(json.dumps({"dataset_id": "test/gone-v0"}))
+    assert pipe.finished_outputs("dataset") is None
+    assert main(["datasets", "create", "test/gone-v0", "--env", "Pendulum-v1", "--policy", "random",
+                 "--steps", "100"]) == 0
+    assert pipe.finished_outputs("dataset") == {"dataset_id": "test/gone-v0"}
+
+
+def test_stage_outputs_are_found_from_any_working_directory(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    pipe = Pipeline(PipelineConfig.from_yaml(None, ["cache_dir=relative/cache"]))
+    assert pipe.stage_dir("offline").parent == workdir / "relative" / "cache"
+
+
+def test_an_env_without_continuous_actions_is_a_config_error():
+    with pytest.raises(ConfigError, match="CartPole-v1: CQL-SAC needs a bounded \\(Box\\) action space"):
+        Pipeline(PipelineConfig.from_yaml(None, ["env.id=CartPole-v1"])).check_env()
+
+
+def test_tensorboard_logger_without_tensorboard_is_a_config_error(monkeypatch):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match="tensorboard is not installed"):
+        PipelineConfig.from_yaml(None, ["logger=tensorboard"])
 
 
 def test_a_new_stage_version_invalidates_that_stage_and_the_ones_after_it(monkeypatch):
@@ -180,6 +244,8 @@ def test_tiny_pipeline_runs_all_stages_and_reuses_finished_ones(workdir, capsys)
     for name in ("config.yaml", "report.md", "curves.png"):
         assert (run_dir / name).is_file()
     assert (run_dir / "logs" / "scalars" / "offline" / "cql_gap.csv").is_file()
+    offline = json.loads((Path(summary["stage_outputs"]["offline"]) / "outputs.json").read_text())
+    assert [update for update, _, _ in offline["curve"]] == [10, 20, 30, 40]  # the report's Q panel, kept when reused
     assert PipelineConfig.from_yaml(run_dir / "config.yaml") == PipelineConfig.from_yaml(None, tiny(workdir))
 
     # Only fine-tuning settings change (merged mode, the offline CQL weight kept): pretrain, dataset
