@@ -21,6 +21,7 @@ import yaml
 from cqlsac.components.cql_loss import LossConfig
 from cqlsac.components.networks import NetworkConfig
 from cqlsac.components.update import OptimConfig
+from cqlsac.pipeline.dataset_creation import PRESETS
 
 STAGES = ("pretrain", "dataset", "offline", "finetune", "evaluate")
 MIXING_MODES = ("fixed", "annealed", "merged")
@@ -96,9 +97,8 @@ class DatasetConfig:
     reference_scores: bool = True
 
     def __post_init__(self):
-        presets = ("random", "medium", "expert", "medium-replay", "medium-expert")
-        if self.preset not in presets:
-            raise ConfigError(f"dataset.preset must be one of {presets}, got {self.preset!r}")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"dataset.preset must be one of {PRESETS}, got {self.preset!r}")
         check_numbers(self, "dataset", positive=("steps",))
         if not 0.0 <= self.medium_level <= 1.0:
             raise ConfigError(f"dataset.medium_level must be in [0, 1], got {self.medium_level}")

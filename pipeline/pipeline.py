@@ -12,6 +12,7 @@ import json
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -275,7 +276,19 @@ class Pipeline:
         env = self.env()
         check_spaces(info, env)
         env.close()
+        self.warn_if_recorded_elsewhere(info)
         return replay, info
+
+    def warn_if_recorded_elsewhere(self, info) -> None:
+        """Warn when the dataset was recorded on another env id or kwargs: its spaces may match while
+        its dynamics differ (e.g. Pendulum with another `g`), so its policy is trained on one task and
+        evaluated on another."""
+        if info.env_spec is None:
+            return
+        env_id, kwargs = self.cfg.env.id, {**gym.spec(self.cfg.env.id).kwargs, **self.cfg.env.kwargs}
+        if (info.env_id, info.env_spec.kwargs) != (env_id, kwargs):
+            warnings.warn(f"dataset {info.dataset_id!r} was recorded on {info.env_id} with kwargs "
+                          f"{info.env_spec.kwargs}, but the pipeline runs {env_id} with kwargs {kwargs}", stacklevel=2)
 
 
 # --- the stages ---------------------------------------------------------------------------

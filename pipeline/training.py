@@ -118,6 +118,9 @@ class Supervisor:
     def restore(self) -> dict:
         """The saved progress when resuming from a checkpoint (networks, optimizer, RNG restored), else {}."""
         if not self.resuming:
+            if self.path.is_file():
+                print(f"[{self.name}] starting over: the checkpoint an interrupted run left at {self.path} will be "
+                      "replaced (`cqlsac run --resume RUN_DIR` continues that run instead)")
             return {}
         progress = load_training_state(self.path, self.fingerprint, self.loss, self.optimizer)
         record = progress.pop("record", None)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,19 @@ def test_with_a_named_dataset_its_files_and_the_baselines_settings_key_the_stage
         assert hashes(key)[0] == before[0] and all(new != old for new, old in zip(hashes(key)[1:], before[1:]))
     assert main([*create, "--seed", "1", "--overwrite"]) == 0  # other data under the same name
     assert all(new != old for new, old in zip(hashes(), before))
+
+
+def test_a_dataset_recorded_with_other_env_kwargs_is_warned_about(dataset_store):
+    create = ["datasets", "create", "test/light-v0", "--env", "Pendulum-v1", "--env-kwargs", '{"g": 5.0}',
+              "--policy", "random", "--steps", "200"]
+    assert main(create) == 0
+    pipe = Pipeline(PipelineConfig.from_yaml(None, ["dataset.name=test/light-v0"]))
+    with pytest.warns(UserWarning, match="recorded on Pendulum-v1 with kwargs {'g': 5.0}, but the pipeline runs "
+                                         "Pendulum-v1 with kwargs {}"):
+        pipe.offline_replay(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Pipeline(PipelineConfig.from_yaml(None, ["dataset.name=test/light-v0", "env.kwargs={g: 5.0}"])).offline_replay(4)
 
 
 def test_a_dataset_stage_whose_dataset_is_gone_runs_again(workdir):

@@ -241,6 +241,14 @@ def test_q_values_above_the_bound_warn_once_with_the_step_where_they_began(tmp_p
         supervisor.check(metrics(float("inf")), 6)
 
 
+def test_a_run_without_resume_says_it_starts_over_an_interrupted_stage(tmp_path, capsys):
+    (tmp_path / "s.pt").write_bytes(b"left by an interrupted run")
+    supervisor = training.Supervisor("offline", "update", tmp_path / "s.pt", "f", None, None, every=10, q_bound=100.0,
+                                     resume=False)
+    assert supervisor.restore() == {}
+    assert "[offline] starting over: the checkpoint an interrupted run left at" in capsys.readouterr().out
+
+
 # ---- bad input: one line, exit status 2 -----------------------------------------------------
 @pytest.fixture(scope="module")
 def bad_inputs(store):
