@@ -211,7 +211,7 @@ class CQLSACLoss(LossModule):
     def compute(self, tensordict: TensorDictBase, noise: dict[str, torch.Tensor]) -> TensorDict:
         """All losses and diagnostics for a batch, given the noise of `draw_noise`."""
         cfg, keys = self.cfg, self.tensor_keys
-        missing = [key for key in self.in_keys if key not in tensordict.keys(include_nested=True)]
+        missing = [key for key in self.in_keys if tensordict.get(key, None) is None]
         if missing:  # e.g. without `terminated` torchrl would bootstrap on `done`, time limits included
             raise KeyError(f"the batch lacks {missing}, which CQLSACLoss reads (in_keys: {self.in_keys})")
         obs = tensordict.get(keys.observation)

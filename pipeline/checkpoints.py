@@ -30,12 +30,20 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupted or does not fit the requested setup."""
 
 
+def default_file_mode() -> int:
+    """The mode `open()` gives a new file under the current umask (mkstemp's own is 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """`torch.save` to a temp file in the same folder, then rename: a kill mid-write keeps the old file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, default_file_mode())  # a cache shared between users stays readable to them
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

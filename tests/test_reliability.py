@@ -19,7 +19,7 @@ from cqlsac.components.replay import make_online_buffer
 from cqlsac.components.update import make_optimizer
 from cqlsac.datasets import Episode, load_transitions, write_dataset
 from cqlsac.pipeline import training
-from cqlsac.pipeline.checkpoints import save_training_state
+from cqlsac.pipeline.checkpoints import atomic_torch_save, default_file_mode, save_training_state
 from cqlsac.pipeline.cli import main
 from cqlsac.pipeline.dataset_creation import create_dataset
 from cqlsac.pipeline.pipeline import Pipeline
@@ -239,6 +239,13 @@ def test_q_values_above_the_bound_warn_once_with_the_step_where_they_began(tmp_p
     assert "mean Q-value -150 passed q_value_bound=100 at update 3" in str(caught[0].message)
     with pytest.raises(training.DivergenceError, match=r"q_data became NaN/Inf at update 6; no checkpoint was saved"):
         supervisor.check(metrics(float("inf")), 6)
+
+
+def test_checkpoints_get_the_mode_of_a_plainly_written_file(tmp_path):
+    atomic_torch_save({"x": 1}, tmp_path / "c.pt")
+    (tmp_path / "plain").write_text("")
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 \
+        == default_file_mode()
 
 
 def test_a_run_without_resume_says_it_starts_over_an_interrupted_stage(tmp_path, capsys):
