@@ -8,14 +8,16 @@ whose outputs exist is not run again: changing only `finetune.*` reruns finetune
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import shutil
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import gymnasium as gym
 import torch
@@ -75,6 +77,22 @@ def ensure_writable(folder: Path, key: str) -> None:
     except OSError as exc:
         raise ConfigError(f"{key}: cannot write to {folder} ({exc.strerror or exc}); "
                           f"set {key}=DIR to a writable folder") from None
+
+
+@contextmanager
+def stage_lock(folder: Path, name: str) -> Iterator[None]:
+    """Hold the lock of one stage folder: two runs that need the same stage do not write it at once;
+    the second waits, then reuses what the first wrote. The OS drops the lock if the holder dies."""
+    with open(folder / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[{name}] waiting for another run that is computing {folder}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class Pipeline:
@@ -251,22 +269,26 @@ class Pipeline:
         for name in self.plan(stages):
             stop_if_requested()
             out_dir = self.stage_dir(name)
-            finished = self.finished_outputs(name)
-            if finished is not None:
-                self.outputs[name] = finished
-                print(f"[{name}] reusing {out_dir}")
-                continue
             out_dir.mkdir(parents=True, exist_ok=True)
-            torch.manual_seed(self.cfg.seed + STAGE_SEED_OFFSET[name])
-            start = time.perf_counter()
-            outputs = STAGE_TABLE[name].run(self, out_dir)
-            self.stage_seconds[name] = round(time.perf_counter() - start, 2)
-            atomic_json(out_dir / OUTPUTS, outputs)
-            for state in out_dir.glob(f"*{STATE_SUFFIX}"):
-                state.unlink()
-            self.outputs[name] = outputs
+            with stage_lock(out_dir, name):
+                self.outputs[name] = self.run_or_reuse(name, out_dir)
         summary = report.write(self)
         return summary
+
+    def run_or_reuse(self, name: str, out_dir: Path) -> dict:
+        """The outputs of stage `name`: those it wrote for this config before, else those of a run now."""
+        finished = self.finished_outputs(name)
+        if finished is not None:
+            print(f"[{name}] reusing {out_dir}")
+            return finished
+        torch.manual_seed(self.cfg.seed + STAGE_SEED_OFFSET[name])
+        start = time.perf_counter()
+        outputs = STAGE_TABLE[name].run(self, out_dir)
+        self.stage_seconds[name] = round(time.perf_counter() - start, 2)
+        atomic_json(out_dir / OUTPUTS, outputs)
+        for state in out_dir.glob(f"*{STATE_SUFFIX}"):
+            state.unlink()
+        return outputs
 
     # --- data sources ---------------------------------------------------------------------
     def offline_replay(self, batch_size: int | None):

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import threading
 import warnings
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from torchrl.data import LazyTensorStorage, ReplayBuffer
 from cqlsac.components.replay import MixedReplay
 from cqlsac.pipeline.cli import main
 from cqlsac.pipeline.config import ConfigError, PipelineConfig
-from cqlsac.pipeline.pipeline import STAGE_TABLE, Pipeline, pick_medium
+from cqlsac.pipeline.pipeline import STAGE_TABLE, Pipeline, pick_medium, stage_lock
 from cqlsac.pipeline.training import EpisodeAccumulator
 
 TINY = [
@@ -145,6 +146,27 @@ def test_a_dataset_stage_whose_dataset_is_gone_runs_again(workdir):
     assert main(["datasets", "create", "test/gone-v0", "--env", "Pendulum-v1", "--policy", "random",
                  "--steps", "100"]) == 0
     assert pipe.finished_outputs("dataset") == {"dataset_id": "test/gone-v0"}
+
+
+def test_a_stage_locked_by_another_run_is_waited_for(tmp_path, capsys):
+    events = []
+    held, release = threading.Event(), threading.Event()
+
+    def other_run():
+        with stage_lock(tmp_path, "offline"):
+            held.set()
+            release.wait()
+            events.append("other run done")
+
+    other = threading.Thread(target=other_run)
+    other.start()
+    held.wait()
+    threading.Timer(0.2, release.set).start()
+    with stage_lock(tmp_path, "offline"):  # blocks until the other run lets go
+        events.append("this run")
+    other.join()
+    assert events == ["other run done", "this run"]
+    assert f"[offline] waiting for another run that is computing {tmp_path}" in capsys.readouterr().out
 
 
 def test_stage_outputs_are_found_from_any_working_directory(workdir, monkeypatch):
