@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -82,17 +83,31 @@ def ensure_writable(folder: Path, key: str) -> None:
 @contextmanager
 def stage_lock(folder: Path, name: str) -> Iterator[None]:
     """Hold the lock of one stage folder: two runs that need the same stage do not write it at once;
-    the second waits, then reuses what the first wrote. The OS drops the lock if the holder dies."""
-    with open(folder / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"[{name}] waiting for another run that is computing {folder}")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    the second waits, then reuses what the first wrote. The OS drops the lock if the holder dies.
+
+    The lock file is opened read-only, so a user who may only read a shared cache can still lock
+    it (or, where the file cannot be made, reuse finished stages unlocked). A stop signal ends the wait.
+    """
+    try:
+        fd = os.open(folder / ".lock", os.O_RDONLY | os.O_CREAT, 0o666)
+    except PermissionError:
+        yield
+        return
+    try:
+        announced = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not announced:
+                    print(f"[{name}] waiting for another run that is computing {folder}")
+                    announced = True
+                stop_if_requested()
+                time.sleep(0.2)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class Pipeline:
@@ -307,10 +322,13 @@ class Pipeline:
         evaluated on another."""
         if info.env_spec is None:
             return
-        env_id, kwargs = self.cfg.env.id, {**gym.spec(self.cfg.env.id).kwargs, **self.cfg.env.kwargs}
-        if (info.env_id, info.env_spec.kwargs) != (env_id, kwargs):
-            warnings.warn(f"dataset {info.dataset_id!r} was recorded on {info.env_id} with kwargs "
-                          f"{info.env_spec.kwargs}, but the pipeline runs {env_id} with kwargs {kwargs}", stacklevel=2)
+        env = gym.make(self.cfg.env.id, **self.cfg.env.kwargs)  # its spec as gym.make settles it
+        ours, recorded = env.spec, info.env_spec
+        env.close()
+        if (ours.id, ours.kwargs, ours.max_episode_steps) != (recorded.id, recorded.kwargs, recorded.max_episode_steps):
+            warnings.warn(f"dataset {info.dataset_id!r} was recorded on {recorded.id} with kwargs {recorded.kwargs} "
+                          f"and a time limit of {recorded.max_episode_steps} steps, but the pipeline runs {ours.id} "
+                          f"with kwargs {ours.kwargs} and {ours.max_episode_steps}", stacklevel=2)
 
 
 # --- the stages ---------------------------------------------------------------------------
@@ -501,8 +519,10 @@ def run_evaluate(pipe: Pipeline, out: Path) -> dict:
 
 
 STAGE_TABLE = {
-    # `offline.loss.gamma` is pretraining's discount too.
-    "pretrain": Stage("pretrain", (), lambda c: (c.env, c.network, c.pretrain, c.offline.loss.gamma), run_pretrain),
+    # `offline.loss.gamma` is pretraining's discount too; `evaluate.seed` picks the episodes that
+    # score its checkpoints (and so the medium and expert policies).
+    "pretrain": Stage("pretrain", (),
+                      lambda c: (c.env, c.network, c.pretrain, c.offline.loss.gamma, c.evaluate.seed), run_pretrain),
     # v2: the medium policy is stopped early (`pick_medium`).
     "dataset": Stage("dataset", ("pretrain",), lambda c: (c.env, c.dataset), run_dataset, version=2),
     "offline": Stage("offline", ("dataset",), lambda c: (c.env, c.network, c.dataset, c.offline, c.evaluate),

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import signal
 import threading
 import warnings
 from pathlib import Path
@@ -15,6 +16,7 @@ from cqlsac.components.replay import MixedReplay
 from cqlsac.pipeline.cli import main
 from cqlsac.pipeline.config import ConfigError, PipelineConfig
 from cqlsac.pipeline.pipeline import STAGE_TABLE, Pipeline, pick_medium, stage_lock
+from cqlsac.pipeline import training
 from cqlsac.pipeline.training import EpisodeAccumulator
 
 TINY = [
@@ -102,8 +104,9 @@ def test_stage_hash_depends_only_on_its_inputs():
         assert base.stage_hash(stage) != changed.stage_hash(stage)
 
 
-def test_pretraining_reruns_when_its_discount_changes():
-    assert Pipeline(PipelineConfig.from_yaml(None, ["offline.loss.gamma=0.9"])).stage_hash("pretrain") != \
+@pytest.mark.parametrize("override", ["offline.loss.gamma=0.9", "evaluate.seed=5"])
+def test_pretraining_reruns_when_its_discount_or_evaluation_episodes_change(override):
+    assert Pipeline(PipelineConfig.from_yaml(None, [override])).stage_hash("pretrain") != \
         Pipeline(PipelineConfig()).stage_hash("pretrain")
 
 
@@ -129,12 +132,17 @@ def test_a_dataset_recorded_with_other_env_kwargs_is_warned_about(dataset_store)
               "--policy", "random", "--steps", "200"]
     assert main(create) == 0
     pipe = Pipeline(PipelineConfig.from_yaml(None, ["dataset.name=test/light-v0"]))
-    with pytest.warns(UserWarning, match="recorded on Pendulum-v1 with kwargs {'g': 5.0}, but the pipeline runs "
-                                         "Pendulum-v1 with kwargs {}"):
+    with pytest.warns(UserWarning, match="recorded on Pendulum-v1 with kwargs {'g': 5.0} and a time limit of 200 "
+                                         "steps, but the pipeline runs Pendulum-v1 with kwargs {} and 200"):
         pipe.offline_replay(4)
+    short = ["datasets", "create", "test/short-v0", "--env", "Pendulum-v1", "--env-kwargs", '{"max_episode_steps": 100}',
+             "--policy", "random", "--steps", "200"]
+    assert main(short) == 0
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Pipeline(PipelineConfig.from_yaml(None, ["dataset.name=test/light-v0", "env.kwargs={g: 5.0}"])).offline_replay(4)
+        Pipeline(PipelineConfig.from_yaml(None, ["dataset.name=test/short-v0", "env.kwargs={max_episode_steps: 100}"])
+                 ).offline_replay(4)
 
 
 def test_a_dataset_stage_whose_dataset_is_gone_runs_again(workdir):
@@ -167,6 +175,27 @@ def test_a_stage_locked_by_another_run_is_waited_for(tmp_path, capsys):
     other.join()
     assert events == ["other run done", "this run"]
     assert f"[offline] waiting for another run that is computing {tmp_path}" in capsys.readouterr().out
+
+
+def test_a_stop_signal_ends_the_wait_for_a_locked_stage(tmp_path, monkeypatch):
+    held, release = threading.Event(), threading.Event()
+
+    def other_run():
+        with stage_lock(tmp_path, "offline"):
+            held.set()
+            release.wait()
+
+    other = threading.Thread(target=other_run)
+    other.start()
+    held.wait()
+    monkeypatch.setattr(training, "_stop_signal", signal.SIGINT)  # what the first SIGINT of a run sets
+    try:
+        with pytest.raises(training.Interrupted):
+            with stage_lock(tmp_path, "offline"):
+                pass
+    finally:
+        release.set()
+        other.join()
 
 
 def test_stage_outputs_are_found_from_any_working_directory(workdir, monkeypatch):
