@@ -62,9 +62,7 @@ def corrupted_dataset_error(dataset_id: str, path: Path, exc: BaseException) -> 
 
 def open_dataset(dataset_id: str, download: bool = False) -> minari.MinariDataset:
     """The local dataset `dataset_id`, downloaded first if asked to and missing."""
-    validate_dataset_id(dataset_id)
-    data_path = get_dataset_path(dataset_id) / "data"
-    if not data_path.is_dir():
+    if not is_local(dataset_id):
         if not download:
             raise unknown_dataset_error(dataset_id)
         try:
@@ -73,8 +71,9 @@ def open_dataset(dataset_id: str, download: bool = False) -> minari.MinariDatase
             raise DatasetError(f"could not download dataset {dataset_id!r} ({type(exc).__name__}: {exc}); "
                                "check the id with `minari list remote` and the network, "
                                "or create it locally with `cqlsac datasets create`") from None
-        if not data_path.is_dir():
+        if not is_local(dataset_id):
             raise unknown_dataset_error(dataset_id)
+    data_path = get_dataset_path(dataset_id) / "data"
     try:
         dataset = minari.MinariDataset(data_path)
     except READ_ERRORS as exc:

@@ -15,6 +15,7 @@ from torchrl.data import LazyTensorStorage, ReplayBuffer
 from cqlsac.components.replay import MixedReplay
 from cqlsac.pipeline.cli import main
 from cqlsac.pipeline.config import ConfigError, PipelineConfig
+from cqlsac.pipeline.dataset_creation import create_dataset
 from cqlsac.pipeline.pipeline import STAGE_TABLE, Pipeline, pick_medium, stage_lock
 from cqlsac.pipeline import training
 from cqlsac.pipeline.training import EpisodeAccumulator
@@ -37,6 +38,11 @@ def workdir(tmp_path, dataset_store):
 
 def tiny(workdir, *extra, cache="cache"):
     return TINY + [f"output_dir={workdir / 'runs'}", f"cache_dir={workdir / cache}", *extra]
+
+
+def random_dataset(dataset_id, **options):
+    """A 200-step Pendulum dataset of random actions in the test's Minari store."""
+    create_dataset(dataset_id, ["random"], 200, env_id="Pendulum-v1", **options)
 
 
 # ---- config ------------------------------------------------------------------------------
@@ -116,28 +122,24 @@ def test_with_a_named_dataset_its_files_and_the_baselines_settings_key_the_stage
         assert pipe.plan() == ["offline", "finetune", "evaluate"]  # no pretrain hash in the chain
         return [pipe.stage_hash(name) for name in ("offline", "finetune", "evaluate")]
 
-    create = ["datasets", "create", "test/named-v0", "--env", "Pendulum-v1", "--policy", "random", "--steps", "200"]
-    assert main(create) == 0
+    random_dataset("test/named-v0")
     before = hashes()
     assert hashes() == before
     # SAC from scratch reads these pretrain settings: fine-tuning and evaluation run again.
     for key in ("pretrain.init_random_frames=0", "pretrain.optim.critic_lr=0.003"):
-        assert hashes(key)[0] == before[0] and all(new != old for new, old in zip(hashes(key)[1:], before[1:]))
-    assert main([*create, "--seed", "1", "--overwrite"]) == 0  # other data under the same name
+        changed = hashes(key)
+        assert changed[0] == before[0] and all(new != old for new, old in zip(changed[1:], before[1:]))
+    random_dataset("test/named-v0", seed=1, overwrite=True)  # other data under the same name
     assert all(new != old for new, old in zip(hashes(), before))
 
 
 def test_a_dataset_recorded_with_other_env_kwargs_is_warned_about(dataset_store):
-    create = ["datasets", "create", "test/light-v0", "--env", "Pendulum-v1", "--env-kwargs", '{"g": 5.0}',
-              "--policy", "random", "--steps", "200"]
-    assert main(create) == 0
+    random_dataset("test/light-v0", env_kwargs={"g": 5.0})
     pipe = Pipeline(PipelineConfig.from_yaml(None, ["dataset.name=test/light-v0"]))
     with pytest.warns(UserWarning, match="recorded on Pendulum-v1 with kwargs {'g': 5.0} and a time limit of 200 "
                                          "steps, but the pipeline runs Pendulum-v1 with kwargs {} and 200"):
         pipe.offline_replay(4)
-    short = ["datasets", "create", "test/short-v0", "--env", "Pendulum-v1", "--env-kwargs", '{"max_episode_steps": 100}',
-             "--policy", "random", "--steps", "200"]
-    assert main(short) == 0
+    random_dataset("test/short-v0", env_kwargs={"max_episode_steps": 100})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Pipeline(PipelineConfig.from_yaml(None, ["dataset.name=test/light-v0", "env.kwargs={g: 5.0}"])).offline_replay(4)
@@ -151,8 +153,7 @@ def test_a_dataset_stage_whose_dataset_is_gone_runs_again(workdir):
     stage_dir.mkdir(parents=True)
     (stage_dir / "outputs.json").write_text(json.dumps({"dataset_id": "test/gone-v0"}))
     assert pipe.finished_outputs("dataset") is None
-    assert main(["datasets", "create", "test/gone-v0", "--env", "Pendulum-v1", "--policy", "random",
-                 "--steps", "100"]) == 0
+    random_dataset("test/gone-v0")
     assert pipe.finished_outputs("dataset") == {"dataset_id": "test/gone-v0"}
 
 
