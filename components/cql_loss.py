@@ -1,10 +1,10 @@
-"""CQL-SAC loss module: every term of `cql-sac-spec.md` sections 1-4, in the manner of `torchrl.objectives`.
+"""CQL-SAC loss module: every term of docs/loss.md sections 1-4, in the manner of `torchrl.objectives`.
 
 Why not `torchrl.objectives.CQLLoss`: in torchrl 0.14.1 it takes the logsumexp over 3 values per
 sampled action instead of over all 3N actions of a state, evaluates the actions drawn at s' at s',
 and in its Lagrange form neither scales the penalty by alpha' nor detaches the dual loss.
 
-Conventions (documented in the README):
+Conventions (docs/loss.md, "Conventions"):
 - TD loss per critic is the plain mean squared error to y (no 1/2 factor); the critic loss is the
   sum over the ensemble members of (TD loss + CQL penalty).
 - All losses can be summed and back-propagated once: each loss reaches only its own parameters
@@ -28,53 +28,12 @@ from torchrl.objectives import LossModule
 from torchrl.objectives.utils import ValueEstimators
 from torchrl.objectives.value import TD0Estimator
 
+from cqlsac.components.config import LossConfig
 from cqlsac.components.networks import EnsembleMLP, action_bounds
 
 LOG_TWO = math.log(2.0)
 HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
 ALPHA_PRIME_MAX = 1e6
-
-
-@dataclass
-class LossConfig:
-    """Options of the CQL-SAC loss; `cql_weight = 0` with `backup_entropy = True` is plain SAC."""
-
-    gamma: float = 0.99
-    # beta in the TD target: True = SAC's soft backup, False = the "deterministic backup" of offline CQL code.
-    backup_entropy: bool = True
-    # Max-Q backup (CQL paper, AntMaze): max over `num_actions` next actions of the min over target critics.
-    max_q_backup: bool = False
-    # w: weight of the CQL(H) gap; 0 turns the regulariser off (SAC).
-    cql_weight: float = 5.0
-    # N: actions per set (uniform, pi(.|s), pi(.|s')) in the logsumexp.
-    num_actions: int = 10
-    # T: temperature of the logsumexp.
-    cql_temperature: float = 1.0
-    # Lagrange (dual) form: alpha' is tuned so that the gap approaches `lagrange_threshold`.
-    lagrange: bool = False
-    lagrange_threshold: float = 5.0
-    initial_alpha_prime: float = 1.0
-    # Cal-QL: policy-action Q-values in the logsumexp are bounded below by the MC return-to-go.
-    calibrated: bool = False
-    # Behaviour-cloning warm start: the actor maximises log pi(a_data|s) for the first K updates.
-    bc_steps: int = 0
-    initial_alpha: float = 1.0
-    # None means -dim(A).
-    target_entropy: float | None = None
-
-    def __post_init__(self):
-        checks = {
-            "gamma": 0.0 <= self.gamma <= 1.0,
-            "cql_weight": self.cql_weight >= 0,
-            "num_actions": self.num_actions >= 1,
-            "cql_temperature": self.cql_temperature > 0,
-            "initial_alpha_prime": self.initial_alpha_prime > 0,
-            "initial_alpha": self.initial_alpha > 0,
-            "bc_steps": self.bc_steps >= 0,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid loss option(s): {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
 
 
 def squash_log_det(pre_tanh: torch.Tensor) -> torch.Tensor:
@@ -223,7 +182,7 @@ class CQLSACLoss(LossModule):
         with torch.no_grad():  # s' only feeds the TD target and the CQL samples: no backward through it
             loc_next, scale_next = self.policy_params(next_obs)
 
-        # Actor and temperature (spec section 3). The critic is evaluated with detached weights.
+        # Actor and temperature (docs/loss.md section 3). The critic is evaluated with detached weights.
         action_pi, log_pi = self.squashed_sample(loc_s, scale_s, noise["actor"])
         detached_w = [w.detach() for w in self.critic.weights]
         detached_b = [b.detach() for b in self.critic.biases]
@@ -235,7 +194,7 @@ class CQLSACLoss(LossModule):
         loss_actor = (alpha.detach() * log_pi - policy_objective).mean()
         loss_alpha = -(self.log_alpha * (log_pi + self.target_entropy).detach()).mean()
 
-        # TD target (spec section 1), no gradient.
+        # TD target (docs/loss.md section 1), no gradient.
         with torch.no_grad():
             next_actions, next_log_pi = self.squashed_sample(loc_next.unsqueeze(1), scale_next.unsqueeze(1), noise["next"])
             next_q = self.target_critic.evaluate(next_obs, next_actions).min(-1).values  # [B, M]
@@ -269,7 +228,7 @@ class CQLSACLoss(LossModule):
         )
 
     def _cql(self, tensordict, obs, data_action, noise, loc_s, scale_s, loc_next, scale_next):
-        """Q at the data actions and the CQL(H) penalty per critic (spec sections 2 and 4)."""
+        """Q at the data actions and the CQL(H) penalty per critic (docs/loss.md sections 2 and 4)."""
         cfg = self.cfg
         with torch.no_grad():
             current_actions, current_log_pi = self.squashed_sample(

@@ -7,8 +7,10 @@ from typing import Any
 import gymnasium as gym
 from torchrl.envs import DoubleToFloat, GymEnv, TransformedEnv
 
+from cqlsac.components.errors import UserError
 
-class UnknownEnvError(ValueError):
+
+class UnknownEnvError(UserError):
     """The env id is not registered with gymnasium."""
 
 

@@ -8,7 +8,6 @@ evaluated in one call (see `EnsembleMLP`) instead of as two separate networks.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,34 +17,9 @@ from torchrl.data import Bounded, TensorSpec
 from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
 
 from cqlsac.components import onednn_ensemble
+from cqlsac.components.config import NetworkConfig
 
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "silu": nn.SiLU}
-
-
-@dataclass
-class NetworkConfig:
-    """Sizes of the actor and critic MLPs."""
-
-    actor_hidden: tuple[int, ...] = (256, 256)
-    critic_hidden: tuple[int, ...] = (256, 256)
-    activation: str = "relu"
-    num_critics: int = 2
-    # Lower bound of the Gaussian scale before the tanh squashing.
-    scale_lb: float = 1e-4
-    # Layer normalisation (no affine) before each hidden activation of the critics: it bounds how
-    # far their values can extrapolate to actions and states the data does not hold (RLPD).
-    critic_layer_norm: bool = False
-
-    def __post_init__(self):
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-        if self.num_critics < 1:
-            raise ValueError(f"num_critics must be at least 1, got {self.num_critics}")
-        self.actor_hidden = tuple(int(h) for h in self.actor_hidden)
-        self.critic_hidden = tuple(int(h) for h in self.critic_hidden)
-        for name in ("actor_hidden", "critic_hidden"):
-            if any(h < 1 for h in getattr(self, name)):
-                raise ValueError(f"{name} sizes must be positive, got {list(getattr(self, name))}")
+ACTIVATION_CLASSES = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "silu": nn.SiLU}
 
 
 def action_bounds(action_spec: TensorSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +40,7 @@ def make_actor(observation_spec: TensorSpec, action_spec: TensorSpec, cfg: Netwo
     low, high = action_bounds(action_spec)
     net = nn.Sequential(
         MLP(in_features=obs_dim, out_features=2 * act_dim, num_cells=list(cfg.actor_hidden),
-            activation_class=ACTIVATIONS[cfg.activation]),
+            activation_class=ACTIVATION_CLASSES[cfg.activation]),
         NormalParamExtractor(scale_mapping="biased_softplus_1.0", scale_lb=cfg.scale_lb),
     )
     params = TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"])
@@ -150,5 +124,5 @@ class EnsembleMLP(nn.Module):
 def make_critics(observation_spec: TensorSpec, action_spec: TensorSpec, cfg: NetworkConfig) -> ValueOperator:
     """Twin critics as one ensemble `ValueOperator`: writes `state_action_value` of shape `[*B, E]`."""
     ensemble = EnsembleMLP(observation_spec.shape[-1], action_spec.shape[-1], cfg.critic_hidden,
-                           cfg.num_critics, ACTIVATIONS[cfg.activation], cfg.critic_layer_norm)
+                           cfg.num_critics, ACTIVATION_CLASSES[cfg.activation], cfg.critic_layer_norm)
     return ValueOperator(ensemble, in_keys=["observation", "action"], out_keys=["state_action_value"])

@@ -1,7 +1,14 @@
-"""Offline/online replay mixing for offline-to-online training (spec section 5)."""
+"""Online data for the training loops: SAC's own buffer, and offline/online mixing (docs/loss.md, "Offline-to-online").
+
+Both kinds answer the loop's three questions: `add(frames)` (store what the collector delivered),
+`ready(frames_collected)` (may the updates start?) and `sample(progress)` (the next batch, for
+training progress in [0, 1]). Each holds its growing online buffer as `buffer` and its unfinished
+episodes as `pending`, which is what a checkpoint saves.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from tensordict import TensorDictBase
 from torchrl.data import LazyTensorStorage, ReplayBuffer
@@ -10,6 +17,66 @@ from torchrl.data import LazyTensorStorage, ReplayBuffer
 def make_online_buffer(capacity: int) -> ReplayBuffer:
     """A uniform replay buffer for the transitions collected online."""
     return ReplayBuffer(storage=LazyTensorStorage(capacity))
+
+
+def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
+    """G_t = r_t + gamma * G_{t+1} within one episode, G = 0 after its last step (no bootstrap at truncation)."""
+    out = np.empty(len(rewards), np.float64)
+    g = 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        g = float(rewards[t]) + gamma * g
+        out[t] = g
+    return out
+
+
+class OnlineReplay:
+    """SAC's data: every collected frame in one buffer; updates wait for `warmup_frames` frames."""
+
+    def __init__(self, capacity: int, batch_size: int, warmup_frames: int = 0):
+        self.buffer = make_online_buffer(capacity)
+        self.batch_size, self.warmup_frames = batch_size, warmup_frames
+        self.pending: list[TensorDictBase] = []  # steps are stored as they come, never held back
+
+    def add(self, frames: TensorDictBase) -> None:
+        self.buffer.extend(frames.reshape(-1))
+
+    def ready(self, frames_collected: int) -> bool:
+        return frames_collected >= self.warmup_frames
+
+    def sample(self, progress: float = 0.0) -> TensorDictBase:
+        return self.buffer.sample(self.batch_size)
+
+
+class EpisodeAccumulator:
+    """Holds online steps until their episode ends, then releases them with `mc_return` (Cal-QL's bound).
+
+    The return-to-go of an online episode is only known once it has ended, so its transitions join
+    the online buffer then, as in Cal-QL.
+    """
+
+    def __init__(self, gamma: float, keys: list):
+        self.gamma, self.keys = gamma, keys
+        self.pending: list[TensorDictBase] = []
+
+    def add(self, data: TensorDictBase) -> TensorDictBase | None:
+        """Store a batch of consecutive steps; return the completed episodes' transitions, if any."""
+        data = data.reshape(-1).select(*self.keys, strict=False)
+        done = data["next", "done"].reshape(-1)
+        ends = torch.nonzero(done).reshape(-1).tolist()
+        if not ends:
+            self.pending.append(data)
+            return None
+        completed, start = [], 0
+        for end in ends:
+            episode = torch.cat([*self.pending, data[start:end + 1]])
+            self.pending, start = [], end + 1
+            rewards = episode["next", "reward"].reshape(-1).double().numpy()
+            episode["mc_return"] = torch.as_tensor(
+                discounted_returns(rewards, self.gamma), dtype=torch.float32).unsqueeze(-1)
+            completed.append(episode)
+        if start < data.shape[0]:
+            self.pending.append(data[start:])
+        return torch.cat(completed)
 
 
 class MixedReplay:
@@ -21,25 +88,44 @@ class MixedReplay:
     offline data with probability N_offline / (N_offline + N_online), so the batch is a uniform
     draw from their union, while the offline rows stay in their memory-mapped storage.
     While the online buffer is empty every batch is offline. Only `keys` are kept, so that the
-    two sources concatenate.
+    two sources concatenate. With `episodes`, online steps join the buffer when their episode ends,
+    with their return-to-go.
     """
 
     def __init__(self, offline: ReplayBuffer, online: ReplayBuffer, batch_size: int, keys: list,
-                 start_fraction: float = 0.0, end_fraction: float | None = None, merged: bool = False):
-        self.offline, self.online = offline, online
+                 start_fraction: float = 0.0, end_fraction: float | None = None, merged: bool = False,
+                 episodes: EpisodeAccumulator | None = None):
+        self.offline, self.buffer = offline, online
         self.batch_size, self.keys, self.merged = batch_size, keys, merged
         self.start_fraction = start_fraction
         self.end_fraction = start_fraction if end_fraction is None else end_fraction
+        self.episodes = episodes
+
+    @property
+    def pending(self) -> list[TensorDictBase]:
+        return self.episodes.pending if self.episodes is not None else []
+
+    @pending.setter
+    def pending(self, steps: list[TensorDictBase]) -> None:
+        self.episodes.pending = steps
+
+    def add(self, frames: TensorDictBase) -> None:
+        completed = frames.reshape(-1) if self.episodes is None else self.episodes.add(frames)
+        if completed is not None:
+            self.buffer.extend(completed)
+
+    def ready(self, frames_collected: int) -> bool:
+        return True  # offline rows fill every batch until online ones arrive
 
     def offline_fraction(self, progress: float) -> float:
         if self.merged:
-            return len(self.offline) / (len(self.offline) + len(self.online))
+            return len(self.offline) / (len(self.offline) + len(self.buffer))
         progress = min(max(progress, 0.0), 1.0)
         return self.start_fraction + (self.end_fraction - self.start_fraction) * progress
 
     def offline_rows(self, progress: float) -> int:
         """How many rows of the next batch come from the offline data."""
-        if len(self.online) == 0:
+        if len(self.buffer) == 0:
             return self.batch_size
         fraction = self.offline_fraction(progress)
         if self.merged:
@@ -52,5 +138,5 @@ class MixedReplay:
         if n_offline > 0:
             parts.append(self.offline.sample(n_offline).select(*self.keys))
         if n_offline < self.batch_size:
-            parts.append(self.online.sample(self.batch_size - n_offline).select(*self.keys))
+            parts.append(self.buffer.sample(self.batch_size - n_offline).select(*self.keys))
         return torch.cat(parts) if len(parts) > 1 else parts[0]

@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import CudaGraphModule
+from torchrl.envs import EnvBase
 
+from cqlsac.components.config import LossConfig, NetworkConfig, OptimConfig
 from cqlsac.components.cql_loss import CQLSACLoss
-
-
-@dataclass
-class OptimConfig:
-    """Learning rates of the four parameter groups and the Polyak rate of the target critics."""
-
-    actor_lr: float = 1e-4
-    critic_lr: float = 3e-4
-    alpha_lr: float = 3e-4
-    alpha_prime_lr: float = 3e-4
-    tau: float = 0.005
-
-    def __post_init__(self):
-        for name in ("actor_lr", "critic_lr", "alpha_lr", "alpha_prime_lr"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0 < self.tau <= 1:
-            raise ValueError(f"tau must be in (0, 1], got {self.tau}")
+from cqlsac.components.networks import make_actor, make_critics
 
 
 def make_optimizer(loss: CQLSACLoss, cfg: OptimConfig, capturable: bool = False) -> torch.optim.Adam:
@@ -68,6 +53,31 @@ def update_step(loss: CQLSACLoss, optimizer: torch.optim.Optimizer, batch: Tenso
     polyak_update(loss.target_critic, loss.critic, tau)
     loss.update_count += 1
     return losses.detach()
+
+
+@dataclass
+class Agent:
+    """What a training loop updates: the loss module (actor, critics, targets, temperatures), its
+    optimiser and the Polyak rate of the target critics."""
+
+    loss: CQLSACLoss
+    optimizer: torch.optim.Optimizer
+    tau: float
+
+    @property
+    def actor(self):
+        return self.loss.actor_network
+
+    def update(self, batch: TensorDictBase) -> TensorDict:
+        """One `update_step` on `batch`; returns the detached losses and diagnostics."""
+        return update_step(self.loss, self.optimizer, batch, self.tau)
+
+
+def make_agent(env: EnvBase, network: NetworkConfig, loss: LossConfig, optim: OptimConfig) -> Agent:
+    """A fresh agent for `env`'s observation and action specs: actor, critics, loss module, Adam."""
+    obs_spec, act_spec = env.observation_spec["observation"], env.action_spec
+    module = CQLSACLoss(make_actor(obs_spec, act_spec, network), make_critics(obs_spec, act_spec, network), loss)
+    return Agent(module, make_optimizer(module, optim), optim.tau)
 
 
 def cuda_graph_update(loss: CQLSACLoss, optimizer: torch.optim.Optimizer, tau: float,

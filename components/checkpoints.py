@@ -8,6 +8,8 @@ stage's own progress (counters, replay contents). Every file is written atomical
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
 import tempfile
 from dataclasses import asdict
@@ -17,16 +19,17 @@ from typing import Any
 import torch
 from torchrl.modules import ProbabilisticActor
 
+from cqlsac.components.config import NetworkConfig
 from cqlsac.components.envs import make_env
-from cqlsac.components.networks import NetworkConfig, make_actor
-
+from cqlsac.components.errors import UserError
+from cqlsac.components.networks import make_actor
 
 POLICY = "cqlsac-policy"
 TRAINING_STATE = "cqlsac-training-state"
 AGENT = "cqlsac-agent"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint is missing, corrupted or does not fit the requested setup."""
 
 
@@ -37,15 +40,16 @@ def default_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save` to a temp file in the same folder, then rename: a kill mid-write keeps the old file."""
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write a file through a temp file in the same folder, fsync and rename: a kill mid-write keeps
+    the old file (or none), never half of one. The file gets the mode of a plain `open()`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, default_file_mode())  # a cache shared between users stays readable to them
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -54,12 +58,16 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file through a temp file and a rename, so a kill never leaves half of it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save` through `atomic_write`."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getbuffer())
+
+
+def atomic_json(path: str | os.PathLike, data: Any) -> None:
+    """JSON through `atomic_write`."""
+    atomic_write(path, json.dumps(data, indent=2, default=str))
 
 
 def read_checkpoint(path: str | os.PathLike, kind: str, fix: str) -> dict:
@@ -98,7 +106,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 def load_policy(path: str | os.PathLike) -> tuple[ProbabilisticActor, dict]:
     """Rebuild the actor of a policy checkpoint; returns it with the checkpoint's metadata."""
     path = Path(path)
-    fix = "pass a policy.pt that `cqlsac run` wrote (e.g. runs/cache/finetune-*/policy.pt)"
+    fix = "pass a policy.pt that `cqlsac run` wrote (its run directory holds one)"
     state = read_checkpoint(path, POLICY, fix)
     env = make_env(state["env_id"], env_kwargs=state["env_kwargs"])
     actor = make_actor(env.observation_spec["observation"], env.action_spec, NetworkConfig(**state["network"]))
@@ -109,20 +117,20 @@ def load_policy(path: str | os.PathLike) -> tuple[ProbabilisticActor, dict]:
     return actor, meta
 
 
-def save_training_state(path: str | os.PathLike, fingerprint: str, loss: torch.nn.Module,
+def save_training_state(path: str | os.PathLike, config_key: str, loss: torch.nn.Module,
                         optimizer: torch.optim.Optimizer, progress: dict) -> None:
-    """Write everything a stage needs to carry on; `fingerprint` ties the file to the config that made it."""
-    atomic_torch_save({"kind": TRAINING_STATE, "fingerprint": fingerprint, "loss": loss.state_dict(),
+    """Write everything a stage needs to carry on; `config_key` ties the file to the config that made it."""
+    atomic_torch_save({"kind": TRAINING_STATE, "config_key": config_key, "loss": loss.state_dict(),
                        "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                        "progress": progress}, path)
 
 
-def load_training_state(path: str | os.PathLike, fingerprint: str, loss: torch.nn.Module,
+def load_training_state(path: str | os.PathLike, config_key: str, loss: torch.nn.Module,
                         optimizer: torch.optim.Optimizer) -> dict:
     """Restore loss, optimizer and torch's RNG from a training state; returns the stage's progress."""
     restart = f"delete {path} to restart this stage from scratch"
     state = read_checkpoint(path, TRAINING_STATE, restart)
-    if state["fingerprint"] != fingerprint:
+    if state.get("config_key") != config_key:
         raise CheckpointError(f"checkpoint {path} was written by another config; resume with the run's own "
                               f"config.yaml, or {restart}")
     load_module_state(path, state["loss"], loss, restart)
