@@ -1,41 +1,26 @@
-"""cqlsac.datasets: Minari datasets by name, as TorchRL offline replay; writing them atomically."""
+"""cqlsac.datasets: Minari datasets by name, as TorchRL offline replay; creating and writing them.
 
-from cqlsac.datasets.offline import (
-    DatasetInfo,
-    check_spaces,
-    dataset_fingerprint,
-    default_cache_dir,
-    discounted_returns,
-    load_offline_replay,
-    load_transitions,
-    normalized_score,
-)
-from cqlsac.datasets.store import DatasetError, datasets_root, is_local, list_local_datasets, open_dataset
-from cqlsac.datasets.writer import (
-    Episode,
-    check_reference_scores,
-    check_writable,
-    transitions_to_episodes,
-    write_dataset,
-)
+Names are imported on first use (PEP 562), so `import cqlsac.datasets.presets` or a config load
+does not pay for torch, torchrl and minari.
+"""
 
-__all__ = [
-    "DatasetError",
-    "DatasetInfo",
-    "Episode",
-    "check_reference_scores",
-    "check_spaces",
-    "check_writable",
-    "dataset_fingerprint",
-    "datasets_root",
-    "default_cache_dir",
-    "discounted_returns",
-    "is_local",
-    "list_local_datasets",
-    "load_offline_replay",
-    "load_transitions",
-    "normalized_score",
-    "open_dataset",
-    "transitions_to_episodes",
-    "write_dataset",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "offline": ("DatasetInfo", "check_spaces", "dataset_files_digest", "default_cache_dir", "files_digest",
+                "load_offline_replay", "load_transitions", "normalized", "normalized_score", "reference_scores_of"),
+    "store": ("DatasetError", "datasets_root", "is_local", "list_local_datasets", "open_dataset"),
+    "writer": ("Episode", "check_reference_scores", "check_writable", "transitions_to_episodes", "write_dataset"),
+    "creation": ("BehaviourPolicy", "DatasetCreationError", "create_dataset", "write_replay_dataset"),
+    "presets": ("PRESETS",),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'cqlsac.datasets' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"cqlsac.datasets.{_MODULE_OF[name]}"), name)

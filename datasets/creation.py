@@ -5,7 +5,7 @@ at that return level), `medium-expert` (half the steps from a medium, half from 
 checkpoint), `medium-replay` (a training run's replay buffer, see `write_replay_dataset`).
 
 Reference scores, for D4RL-style normalisation (0 = random, 100 = expert), are mean returns over
-`ref_episodes` episodes of `training.evaluate_policy` (deterministic action), as agents are evaluated:
+`ref_episodes` episodes of `evaluate_policy` (deterministic action), as agents are evaluated:
 `ref_min_score` is the uniform random policy's; `ref_max_score` is the expert's (a checkpoint or a
 value the user gives), otherwise that of the behaviour policy (the expert of `medium-expert`) when it
 beats random play. Without either (random data, a replay buffer, a policy no better than random)
@@ -15,10 +15,11 @@ the dataset gets no reference scores.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import gymnasium as gym
 import torch
@@ -27,18 +28,22 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.modules import ProbabilisticActor
 from tqdm import tqdm
 
+from cqlsac.components.checkpoints import load_policy
 from cqlsac.components.collector import make_collector
 from cqlsac.components.envs import make_env
-from cqlsac.datasets import Episode, check_reference_scores, check_writable, transitions_to_episodes, write_dataset
-from cqlsac.pipeline.checkpoints import load_policy
-from cqlsac.pipeline.training import evaluate_policy
+from cqlsac.components.errors import UserError
+from cqlsac.components.evaluation import evaluate_policy
+from cqlsac.datasets.presets import NUM_POLICIES, PRESETS, RANDOM
+from cqlsac.datasets.writer import (
+    Episode,
+    check_reference_scores,
+    check_writable,
+    transitions_to_episodes,
+    write_dataset,
+)
 
-RANDOM = "random"
-PRESETS = ("random", "medium", "expert", "medium-replay", "medium-expert")
-NUM_POLICIES = {"random": 1, "medium": 1, "expert": 1, "medium-expert": 2}
 
-
-class DatasetCreationError(ValueError):
+class DatasetCreationError(UserError):
     """The requested dataset cannot be made from these arguments; the message says what to change."""
 
 
@@ -136,21 +141,34 @@ def _as_expert(expert: str | Path | BehaviourPolicy | float | None) -> Behaviour
 
 
 def reference_scores(env_id: str, env_kwargs: dict, expert: BehaviourPolicy | float | None,
-                     fallback: BehaviourPolicy | None, episodes: int,
-                     seed: int) -> tuple[float | None, float | None, str]:
+                     fallback: BehaviourPolicy | None, episodes: int, seed: int,
+                     allow_weak_expert: bool = False) -> tuple[float | None, float | None, str]:
     """(ref_min_score, ref_max_score, where ref_max_score came from), before any data is collected.
 
-    An expert the user names must beat the random policy (else `DatasetError`); the `fallback`
-    (the data's best behaviour policy) is only a default, so when it does not, no scores are stored.
+    An expert the user names must beat the random policy (else `DatasetError`), unless
+    `allow_weak_expert` (a pipeline whose pretraining was too short), which stores no scores then;
+    the `fallback` (the data's best behaviour policy) is only a default, so when it does not beat
+    random play, no scores are stored either.
     """
-    ref_min = mean_eval_return(env_id, env_kwargs, BehaviourPolicy.load(RANDOM), episodes, seed)
+    if isinstance(expert, BehaviourPolicy):
+        scored = [BehaviourPolicy.load(RANDOM), expert]
+    elif expert is None and fallback is not None and fallback.actor is not None:
+        scored = [BehaviourPolicy.load(RANDOM), fallback]
+    else:
+        scored = [BehaviourPolicy.load(RANDOM)]
+    returns = [mean_eval_return(env_id, env_kwargs, policy, episodes, seed)
+               for policy in tqdm(scored, desc=f"reference scores ({episodes} episodes each)", unit="policy",
+                                  disable=None)]
+    ref_min = returns[0]
     if isinstance(expert, (int, float)):
         ref_max, origin = float(expert), "value given by the user"
     elif expert is not None:
-        ref_max = mean_eval_return(env_id, env_kwargs, expert, episodes, seed)
-        origin = f"expert {expert.source} (sha256 {expert.sha256})"
+        ref_max, origin = returns[1], f"expert {expert.source} (sha256 {expert.sha256})"
+        if allow_weak_expert and not ref_max > ref_min:
+            return None, None, (f"none (expert {expert.source} returns {ref_max:.3f}, random {ref_min:.3f}: "
+                                "it does not beat random play)")
     elif fallback is not None and fallback.actor is not None:
-        ref_max = mean_eval_return(env_id, env_kwargs, fallback, episodes, seed)
+        ref_max = returns[1]
         if not ref_max > ref_min:
             return None, None, (f"none (behaviour policy {fallback.source} returns {ref_max:.3f}, random "
                                 f"{ref_min:.3f}; give an expert)")
@@ -179,7 +197,7 @@ def _write(dataset_id: str, spec: EnvSpec, env_kwargs: dict, episodes: list[Epis
 def create_dataset(dataset_id: str, policies: Sequence[str | Path | BehaviourPolicy], steps: int, *,
                    env_id: str | None = None, env_kwargs: dict | None = None, preset: str | None = None,
                    expert: str | Path | BehaviourPolicy | float | None = None, seed: int = 0,
-                   ref_episodes: int = 10, overwrite: bool = False) -> Path:
+                   ref_episodes: int = 10, overwrite: bool = False, allow_weak_expert: bool = False) -> Path:
     """Collect `steps` steps with the behaviour policies and write them as the Minari dataset `dataset_id`.
 
     `policies`: checkpoint paths / `BehaviourPolicy`s, or "random"; two (medium, expert) for
@@ -205,7 +223,8 @@ def create_dataset(dataset_id: str, policies: Sequence[str | Path | BehaviourPol
                                    "together: `random` takes `--policy random`, the others take checkpoints")
     env_id, env_kwargs = _resolve_env(env_id, env_kwargs, policies)
     spec = _env_spec(env_id, env_kwargs)
-    refs = reference_scores(env_id, env_kwargs, _as_expert(expert), policies[-1], ref_episodes, seed)
+    refs = reference_scores(env_id, env_kwargs, _as_expert(expert), policies[-1], ref_episodes, seed,
+                            allow_weak_expert)
     shares = [steps // len(policies) + (i < steps % len(policies)) for i in range(len(policies))]
     episodes, sources, complete = [], [], []
     for i, (policy, share) in enumerate(zip(policies, shares)):
@@ -224,7 +243,7 @@ def create_dataset(dataset_id: str, policies: Sequence[str | Path | BehaviourPol
 
 def write_replay_dataset(dataset_id: str, transitions: TensorDictBase, env_id: str, env_kwargs: dict | None = None,
                          *, expert: str | Path | BehaviourPolicy | float | None = None, seed: int | None = None,
-                         ref_episodes: int = 10, overwrite: bool = False) -> Path:
+                         ref_episodes: int = 10, overwrite: bool = False, allow_weak_expert: bool = False) -> Path:
     """Write a training run's replay buffer (transitions in TorchRL's layout, in time order) as `medium-replay`.
 
     Its behaviour mean return is over all the episodes in the buffer. Without an `expert` (a checkpoint
@@ -233,7 +252,8 @@ def write_replay_dataset(dataset_id: str, transitions: TensorDictBase, env_id: s
     check_writable(dataset_id, overwrite)
     env_kwargs = dict(env_kwargs or {})
     spec = _env_spec(env_id, env_kwargs)
-    refs = reference_scores(env_id, env_kwargs, _as_expert(expert), None, ref_episodes, 0 if seed is None else seed)
+    refs = reference_scores(env_id, env_kwargs, _as_expert(expert), None, ref_episodes, 0 if seed is None else seed,
+                            allow_weak_expert)
     episodes = transitions_to_episodes(transitions)
     if not episodes:
         raise DatasetCreationError("the replay buffer holds no transitions")

@@ -3,7 +3,7 @@
 The first load reads the dataset episode by episode straight into memory-mapped tensors (so it
 never sits in RAM twice), in TorchRL's transition layout plus the discounted Monte-Carlo
 return-to-go that Cal-QL needs. Later loads map the cache. The cache key holds the dataset id, a
-fingerprint of its files (names, sizes, mtimes) and gamma, so it is rebuilt when the source changes.
+digest of its files (names, sizes, mtimes) and gamma, so it is rebuilt when the source changes.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import gymnasium as gym
 import minari
@@ -29,6 +30,7 @@ from torchrl.data import Bounded, RandomSampler, ReplayBuffer, TensorStorage
 from torchrl.envs import EnvBase
 from tqdm import tqdm
 
+from cqlsac.components.replay import discounted_returns
 from cqlsac.datasets.store import READ_ERRORS, DatasetError, corrupted_dataset_error, open_dataset
 
 CACHE_FORMAT = 2  # bump when the cached layout changes (2: a manifest of file sizes)
@@ -60,25 +62,16 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CQLSAC_CACHE") or Path.home() / ".cache" / "cqlsac")
 
 
-def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
-    """G_t = r_t + gamma * G_{t+1} within one episode, G = 0 after its last step (no bootstrap at truncation)."""
-    out = np.empty(len(rewards), np.float64)
-    g = 0.0
-    for t in range(len(rewards) - 1, -1, -1):
-        g = float(rewards[t]) + gamma * g
-        out[t] = g
-    return out
-
-
-def _fingerprint(data_path: Path) -> str:
+def files_digest(data_path: Path) -> str:
+    """A digest of the names, sizes and mtimes of the files under `data_path`."""
     entries = sorted((str(p.relative_to(data_path)), p.stat().st_size, p.stat().st_mtime_ns)
                      for p in data_path.rglob("*") if p.is_file())
     return hashlib.sha256(repr(entries).encode()).hexdigest()
 
 
-def dataset_fingerprint(dataset_id: str) -> str:
+def dataset_files_digest(dataset_id: str) -> str:
     """Changes whenever the local dataset's files do: the same id re-created is other data."""
-    return _fingerprint(Path(open_dataset(dataset_id).spec.data_path))
+    return files_digest(Path(open_dataset(dataset_id).spec.data_path))
 
 
 def _box_spaces(dataset: minari.MinariDataset) -> tuple[gym.spaces.Box, gym.spaces.Box]:
@@ -194,7 +187,7 @@ def load_transitions(dataset_id: str, gamma: float = 0.99, download: bool = Fals
     dataset = open_dataset(dataset_id, download=download)
     obs_space, act_space = _box_spaces(dataset)
     data_path = Path(dataset.spec.data_path)
-    key = hashlib.sha256(f"{CACHE_FORMAT}|{_fingerprint(data_path)}|{float(gamma)!r}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{CACHE_FORMAT}|{files_digest(data_path)}|{float(gamma)!r}".encode()).hexdigest()[:20]
     final = Path(cache_dir or default_cache_dir()) / "offline" / dataset_id / key
     stats = _intact_stats(final)
     if stats is None:
@@ -257,9 +250,23 @@ def check_spaces(info: DatasetInfo, env: EnvBase) -> None:
             f"use the env the dataset was recorded on ({info.env_id}) or a dataset of this env")
 
 
+def normalized(raw_return: float, ref_min_score: float, ref_max_score: float) -> float:
+    """D4RL-style score: 0 = the random policy's return, 100 = the expert's."""
+    return 100.0 * (raw_return - ref_min_score) / (ref_max_score - ref_min_score)
+
+
 def normalized_score(raw_return, info: DatasetInfo):
-    """D4RL-style score: 0 = random policy, 100 = expert, from the dataset's reference scores."""
+    """`normalized` with the dataset's reference scores; a dataset without them is a `DatasetError`."""
     if info.ref_min_score is None or info.ref_max_score is None:
         raise DatasetError(f"dataset {info.dataset_id!r} has no reference scores; re-create it with an expert "
                            "(--expert CHECKPOINT or --ref-max-score VALUE) to normalise returns")
-    return 100.0 * (raw_return - info.ref_min_score) / (info.ref_max_score - info.ref_min_score)
+    return normalized(raw_return, info.ref_min_score, info.ref_max_score)
+
+
+def reference_scores_of(dataset_id: str) -> dict:
+    """A local dataset's normalisation bounds and where its expert score came from, from its metadata alone."""
+    metadata = MinariStorage.read_raw_metadata(Path(open_dataset(dataset_id).spec.data_path))
+    extra = metadata.get("cqlsac") or {}
+    origin = extra.get("ref_max_score_from") or ("unknown" if metadata.get("ref_max_score") is not None else None)
+    return {"ref_min_score": metadata.get("ref_min_score"), "ref_max_score": metadata.get("ref_max_score"),
+            "ref_max_score_from": origin, "ref_score_episodes": extra.get("ref_score_episodes")}

@@ -13,11 +13,13 @@ import minari
 from minari.dataset.minari_dataset import parse_dataset_id
 from minari.storage.datasets_root_dir import get_dataset_path
 
+from cqlsac.components.errors import UserError
+
 # What minari and h5py raise for a damaged file or metadata (they use all of these).
 READ_ERRORS = (OSError, KeyError, ValueError, TypeError, AssertionError)
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset mistake the user can fix; the message names the problem and the fix."""
 
 
