@@ -7,7 +7,7 @@ dataset only (`--data offline`), and prints the per-episode evaluation returns o
 deterministic policy along the way. `--critic-lr 0` freezes the critics (the offline critic then
 guides the actor alone); `--actor-lr 0` checks that the evaluation itself is stable.
 
-    python benchmarks/finetune_drop.py RUN_DIR [--data online|offline] [--cql-weight 0]
+    python experiments/finetune_drop.py RUN_DIR [--data online|offline] [--cql-weight 0]
                                                [--actor-lr 3e-4] [--critic-lr 1e-3]
 
 RUN_DIR is a directory printed by `cqlsac run` whose cache still holds its offline stage.
@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from functools import partial
 from pathlib import Path
 
 import torch
 
-from cqlsac.components.replay import make_online_buffer
-from cqlsac.components.update import make_optimizer, update_step
-from cqlsac.pipeline.checkpoints import load_agent
-from cqlsac.pipeline.config import ConfigError, PipelineConfig
-from cqlsac.pipeline.pipeline import Pipeline
+from cqlsac.components.checkpoints import load_agent
+from cqlsac.components.replay import OnlineReplay
+from cqlsac.pipeline import ConfigError, Pipeline
 
 
 def main() -> None:
@@ -44,40 +41,36 @@ def main() -> None:
     args = parser.parse_args()
 
     try:
-        pipe = Pipeline(PipelineConfig.from_yaml(args.run_dir / "config.yaml"), run_dir=args.run_dir)
+        pipe = Pipeline.resumed(args.run_dir)  # the run's own config; nothing is trained here
+        ctx = pipe.context("finetune")  # the fine-tuning stage's wiring, from the run's finished stages
     except (OSError, ConfigError) as exc:
         parser.error(f"{args.run_dir} is not a usable run directory: {exc}")
-    cfg = pipe.cfg
-    for name in pipe.plan(["offline"]):  # the offline stage and the ones it read, as `cqlsac run` reuses them
-        outputs = pipe.finished_outputs(name)
-        if outputs is None:
-            parser.error(f"the {name} stage of {args.run_dir} has not finished: run its offline stage first")
-        pipe.outputs[name] = outputs
-    loss = pipe.new_agent(dataclasses.replace(cfg.offline.loss, cql_weight=args.cql_weight))
-    load_agent(pipe.outputs["offline"]["agent"], loss)
+    cfg = ctx.cfg
+    optim = cfg.finetune.optim
+    agent = ctx.agent(dataclasses.replace(cfg.offline.loss, cql_weight=args.cql_weight), optim)
+    load_agent(ctx.inputs["offline"]["agent"], agent.loss)
     torch.manual_seed(args.seed)
-    optim_cfg = cfg.finetune.optim
-    optimizer = make_optimizer(loss, optim_cfg)
-    for group, lr in zip(optimizer.param_groups[:2], (args.actor_lr, args.critic_lr)):
-        if lr is not None:
-            group["lr"] = lr
+    for group, rate in zip(agent.optimizer.param_groups[:2], (args.actor_lr, args.critic_lr)):
+        if rate is not None:  # 0 freezes the actor or the critics
+            group["lr"] = rate
 
-    buffer = make_online_buffer(args.frames)
-    collector = pipe.collectors(loss.actor_network, min(args.frames, 200), args.frames, seed=cfg.seed + 1)(0)
-    for data in collector:
-        buffer.extend(data.reshape(-1).select(*loss.in_keys))
+    schedule = dataclasses.replace(cfg.finetune, frames=args.frames, frames_per_batch=min(args.frames, 200),
+                                   init_random_frames=0, eval_every=min(args.frames, 200))
+    online = OnlineReplay(args.frames, cfg.finetune.batch_size)
+    collector = ctx.collector_after(agent.actor, schedule, ctx.seed + 1)(0)
+    for batch in collector:
+        online.add(batch.select(*agent.loss.in_keys))
     collector.shutdown()
 
     def report(label: str) -> None:
-        returns = pipe.evaluation_returns(loss.actor_network, cfg.evaluate.episodes)
+        returns = ctx.evaluation_returns(agent.actor, cfg.finetune.eval_episodes)
         print(f"{label:>12}: mean {sum(returns) / len(returns):8.1f}  episodes {[round(r) for r in returns]}")
 
-    sample = (pipe.offline_replay(cfg.finetune.batch_size)[0].sample if args.data == "offline"
-              else partial(buffer.sample, cfg.finetune.batch_size))
+    sample = ctx.offline_replay(cfg.finetune.batch_size)[0].sample if args.data == "offline" else online.sample
 
     report("offline")
     for update in range(1, args.updates + 1):
-        update_step(loss, optimizer, sample(), optim_cfg.tau)
+        agent.update(sample())
         if update in args.report_at:
             report(f"{update} updates")
 

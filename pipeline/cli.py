@@ -1,16 +1,31 @@
-"""The `cqlsac` command line: `run`, `eval` and `datasets`."""
+"""The `cqlsac` command line: `run`, `config`, `eval` and `datasets`.
+
+Heavy libraries (torch, torchrl, minari) are imported inside the commands that use them, so
+`cqlsac --help` and `cqlsac config` answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
-from cqlsac.pipeline.config import ConfigError
-from cqlsac.pipeline.datasets_cli import USER_ERRORS, add_datasets_parser, positive_int
-
+from cqlsac.components.errors import UserError
+from cqlsac.pipeline.config import ConfigError, PipelineConfig
+from cqlsac.pipeline.datasets_cli import add_datasets_parser, positive_int
 
 DIVERGED = 3  # exit status of a run stopped by a NaN/Inf loss or Q-value
+CONFIG_HELP = ("a YAML config file, or the name of a bundled one (pendulum, lunarlander, hopper); "
+               "default: the built-in Pendulum-v1 pipeline")
+
+
+def split_config(args: argparse.Namespace) -> None:
+    """`cqlsac run key=value` without a config file: the first override was parsed as the config."""
+    if args.config is not None and "=" in args.config:
+        args.overrides.insert(0, args.config)
+        args.config = None
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -19,7 +34,7 @@ def run_command(args: argparse.Namespace) -> int:
     SIGINT/SIGTERM save a checkpoint and exit with 130/143; a diverged stage exits with 3.
     """
     from cqlsac.pipeline.pipeline import Pipeline
-    from cqlsac.pipeline.training import DivergenceError, Interrupted, stop_on_signals
+    from cqlsac.pipeline.supervision import DivergenceError, Interrupted, stop_on_signals
 
     if args.resume is not None:
         if args.config is not None or args.overrides:
@@ -42,49 +57,98 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"cqlsac run: error: {exc}", file=sys.stderr)
         return DIVERGED
     print(json.dumps({k: summary[k] for k in ("final_eval_return", "final_normalized_score", "stage_seconds")}))
+    print(f"report: {pipe.run_dir / 'report.md'}")
     print(pipe.run_dir)
     return 0
 
 
-def eval_command(args: argparse.Namespace) -> int:
-    """Evaluate a policy checkpoint deterministically on its own env."""
-    from cqlsac.pipeline.checkpoints import load_policy
-    from cqlsac.pipeline.training import evaluate_policy
-
-    actor, meta = load_policy(args.checkpoint)
-    returns = evaluate_policy(actor, meta["env_id"], meta["env_kwargs"], args.episodes, args.seed)
-    print(json.dumps({"env": meta["env_id"], "episodes": args.episodes,
-                      "mean_return": sum(returns) / len(returns), "returns": returns}))
+def config_command(args: argparse.Namespace) -> int:
+    """Print the resolved config, each key with its documentation."""
+    print(PipelineConfig.from_yaml(args.config, args.overrides).to_yaml(comments=True), end="")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cqlsac", description="Offline-to-online RL with CQL-SAC on TorchRL.")
-    commands = parser.add_subparsers(dest="command")
-    run = commands.add_parser("run", help="run the pipeline (pretrain, dataset, offline, finetune, evaluate)")
-    run.add_argument("config", nargs="?", help="YAML config (default: the built-in Pendulum-v1 pipeline)")
+def eval_command(args: argparse.Namespace) -> int:
+    """Evaluate a policy checkpoint (or a run directory's fine-tuned policy) deterministically on its own env."""
+    from cqlsac.components.checkpoints import load_policy
+    from cqlsac.components.evaluation import evaluate_policy
+    from cqlsac.datasets import normalized, reference_scores_of
+
+    target, dataset_id = Path(args.checkpoint), args.dataset
+    if target.is_dir():
+        summary = target / "summary.json"
+        if not summary.is_file():
+            raise ConfigError(f"{target} is not a finished run directory (no summary.json); pass a policy "
+                              "checkpoint or the folder that `cqlsac run` printed last")
+        summary = json.loads(summary.read_text())
+        if not summary.get("policy"):
+            raise ConfigError(f"run {target} has no fine-tuned policy (its stages stopped before finetune)")
+        target, dataset_id = Path(summary["policy"]), dataset_id or summary.get("dataset_id")
+    actor, meta = load_policy(target)
+    returns = evaluate_policy(actor, meta["env_id"], meta["env_kwargs"], args.episodes, args.seed)
+    mean_return = sum(returns) / len(returns)
+    result = {"policy": str(target), "env": meta["env_id"], "episodes": args.episodes, "mean_return": mean_return,
+              "returns": returns}
+    if dataset_id is not None:
+        bounds = reference_scores_of(dataset_id)
+        if bounds["ref_min_score"] is not None and bounds["ref_max_score"] is not None:
+            result.update(dataset_id=dataset_id, **bounds,
+                          normalized_score=normalized(mean_return, bounds["ref_min_score"], bounds["ref_max_score"]))
+    print(json.dumps(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cqlsac", description="Offline-to-online RL with CQL-SAC on TorchRL: pretrain SAC, record a Minari "
+                                   "dataset, train CQL-SAC offline, fine-tune online, evaluate.")
+    commands = parser.add_subparsers(dest="command", metavar="{run,config,eval,datasets}")
+    run = commands.add_parser(
+        "run", help="run the pipeline (pretrain, dataset, offline, finetune, baseline, evaluate)",
+        description="Run the pipeline, reusing finished stages from the cache. `cqlsac config` lists every key "
+                    "that key=value can set.", epilog="example: cqlsac run lunarlander seed=3 finetune.frames=20000")
+    run.add_argument("config", nargs="?", help=CONFIG_HELP)
     run.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. finetune.mixing=annealed seed=3")
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue an interrupted run from its last checkpoints (finished stages are reused)")
     run.set_defaults(handler=run_command)
-    evaluate = commands.add_parser("eval", help="evaluate a policy checkpoint")
-    evaluate.add_argument("checkpoint")
-    evaluate.add_argument("--episodes", type=positive_int, default=10)
-    evaluate.add_argument("--seed", type=int, default=10_000)
+    config = commands.add_parser("config", help="print the resolved config with every key documented",
+                                 description="Print the config that `cqlsac run` with the same arguments would run, "
+                                             "each key with its documentation.")
+    config.add_argument("config", nargs="?", help=CONFIG_HELP)
+    config.add_argument("overrides", nargs="*", metavar="key=value")
+    config.set_defaults(handler=config_command)
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a policy checkpoint or a run's fine-tuned policy",
+        description="Mean return of the deterministic policy over seeded episodes (episode i starts from env seed "
+                    "SEED + i, as the pipeline evaluates), as one JSON line; with the run's dataset (or --dataset) "
+                    "also the normalised score.")
+    evaluate.add_argument("checkpoint", metavar="POLICY|RUN_DIR",
+                          help="a policy.pt, or a run directory printed by `cqlsac run`")
+    evaluate.add_argument("--episodes", type=positive_int, default=10, help="episodes (default 10)")
+    evaluate.add_argument("--seed", type=int, default=10_000, help="env seed of the first episode (default 10000)")
+    evaluate.add_argument("--dataset", metavar="ID", help="normalise with this dataset's reference scores")
     evaluate.set_defaults(handler=eval_command)
     add_datasets_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command == "run" and args.config is not None and "=" in args.config:
-        args.overrides.insert(0, args.config)  # `cqlsac run key=value` without a config file
-        args.config = None
+    if args.command in ("run", "config"):
+        split_config(args)
     try:
         return args.handler(args)
-    except (ConfigError, *USER_ERRORS) as exc:
+    except UserError as exc:
         print(f"cqlsac {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `cqlsac config | head`: the reader has all it wanted
+        sys.stdout = open(os.devnull, "w")  # Python flushes stdout again at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,61 +1,37 @@
-"""The pipeline as data: typed dataclasses, loaded from YAML, with `key=value` overrides.
+"""The pipeline as data: typed dataclasses with a docstring per field, loaded from YAML with `key=value` overrides.
 
-Validation is strict because a mistyped key in a long experiment otherwise costs hours: an unknown
-key or a value of the wrong type raises `ConfigError` naming the dotted key.
+Validation is strict because a mistyped key in a long experiment otherwise costs hours: pydantic
+checks every key and type against the dataclasses, and any mistake is one `ConfigError` line that
+names the dotted key. Numbers parse as YAML 1.2 does (`3e-4` and `1e3` are numbers), and a key
+given twice is an error rather than a silent last-one-wins. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
+import importlib.resources
 import importlib.util
+import inspect
 import json
-import types
+import re
+import textwrap
 import typing
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import yaml
 
-from cqlsac.components.cql_loss import LossConfig
-from cqlsac.components.networks import NetworkConfig
-from cqlsac.components.update import OptimConfig
-from cqlsac.pipeline.dataset_creation import PRESETS
-
-STAGES = ("pretrain", "dataset", "offline", "finetune", "evaluate")
-MIXING_MODES = ("fixed", "annealed", "merged")
+from cqlsac.components.config import LossConfig, NetworkConfig, OptimConfig
+from cqlsac.components.errors import UserError
+from cqlsac.datasets.presets import PRESETS
 
 
-class ConfigError(ValueError):
-    """A config file or override is invalid."""
-
-
-@dataclass
-class EnvConfig:
-    id: str = "Pendulum-v1"
-    kwargs: dict = field(default_factory=dict)
-
-
-@dataclass
-class PretrainConfig:
-    """Online SAC from scratch; the loss runs with CQL weight 0."""
-
-    frames: int = 8000
-    init_random_frames: int = 1000
-    frames_per_batch: int = 200
-    utd_ratio: float = 1.0
-    batch_size: int = 256
-    # Every evaluation saves a checkpoint; Pendulum jumps from random to expert within ~1000
-    # frames, so a medium policy (see `pick_medium`) needs checkpoints this close together.
-    eval_every: int = 200
-    eval_episodes: int = 3
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(actor_lr=1e-3, critic_lr=1e-3, alpha_lr=1e-3))
-
-    def __post_init__(self):
-        check_numbers(self, "pretrain", positive=("utd_ratio", "batch_size", "eval_episodes"),
-                      non_negative=("init_random_frames",))
-        check_batch_grid("pretrain", self.frames, self.eval_every, self.frames_per_batch)
+class ConfigError(UserError):
+    """A config file or override is invalid; the message names the key and what it takes."""
 
 
 def check_numbers(config, section: str, positive=(), non_negative=()) -> None:
@@ -67,34 +43,108 @@ def check_numbers(config, section: str, positive=(), non_negative=()) -> None:
                 raise ConfigError(f"{section}.{name} must be {what}, got {value}")
 
 
-def check_batch_grid(section: str, frames: int, eval_every: int, frames_per_batch: int) -> None:
-    """The collector delivers whole batches and evaluations happen between them, so `frames` and
-    `eval_every` must be multiples of `frames_per_batch`: otherwise the collector overfills a buffer
-    sized for `frames` and evaluations silently move."""
-    for name, value in (("frames_per_batch", frames_per_batch), ("eval_every", eval_every), ("frames", frames)):
-        if value < 1:
-            raise ConfigError(f"{section}.{name} must be a positive number of frames, got {value}")
-    for name, value, why in (("eval_every", eval_every, "evaluations happen between collector batches"),
-                             ("frames", frames, "the collector delivers whole batches")):
-        if value % frames_per_batch:
-            raise ConfigError(f"{section}.{name} ({value}) must be a multiple of {section}.frames_per_batch "
-                              f"({frames_per_batch}): {why}")
+@dataclass
+class EnvConfig:
+    """The gymnasium environment every stage runs."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # unknown keys are errors (pydantic validates these classes)
+
+    id: str = "Pendulum-v1"
+    """A gymnasium id with continuous (Box) actions."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of gymnasium.make, e.g. {continuous: true} for LunarLander-v3."""
+
+
+@dataclass
+class OnlineConfig:
+    """An online training loop: collection, updates and evaluations."""
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    section: ClassVar[str] = "online"
+
+    frames: int = 5000
+    """Environment steps to collect."""
+    init_random_frames: int = 0
+    """Frames of uniform random actions at the start; SAC makes no update before they are in."""
+    frames_per_batch: int = 100
+    """Frames per collector batch; updates and evaluations happen between batches."""
+    utd_ratio: float = 1.0
+    """Updates per collected frame."""
+    batch_size: int = 256
+    """Transitions per update."""
+    eval_every: int = 500
+    """Frames between evaluations (a multiple of frames_per_batch)."""
+    eval_episodes: int = 10
+    """Episodes of the deterministic policy per evaluation."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimiser of this loop (a fresh Adam)."""
+
+    def __post_init__(self):
+        section = self.section
+        check_numbers(self, section, positive=("utd_ratio", "batch_size", "eval_episodes"),
+                      non_negative=("init_random_frames",))
+        for name in ("frames_per_batch", "eval_every", "frames"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{section}.{name} must be a positive number of frames, got {getattr(self, name)}")
+        # The collector delivers whole batches and evaluations happen between them: otherwise the
+        # collector overfills a buffer sized for `frames` and evaluations silently move.
+        for name, why in (("eval_every", "evaluations happen between collector batches"),
+                          ("frames", "the collector delivers whole batches"),
+                          ("init_random_frames", "the collector acts at random for whole batches")):
+            if getattr(self, name) % self.frames_per_batch:
+                raise ConfigError(f"{section}.{name} ({getattr(self, name)}) must be a multiple of "
+                                  f"{section}.frames_per_batch ({self.frames_per_batch}): {why}")
+
+
+def sac_optim() -> OptimConfig:
+    """Learning rates of SAC from scratch (pretraining and the baseline)."""
+    return OptimConfig(actor_lr=1e-3, critic_lr=1e-3, alpha_lr=1e-3)
+
+
+def cql_optim() -> OptimConfig:
+    """Learning rates of the CQL agent, offline and after the switch to online data."""
+    return OptimConfig(actor_lr=3e-4, critic_lr=1e-3, alpha_lr=1e-3)
+
+
+@dataclass
+class PretrainConfig(OnlineConfig):
+    """Online SAC from scratch that trains the behaviour policies (the loss with CQL weight 0)."""
+
+    section: ClassVar[str] = "pretrain"
+
+    frames: int = 8000
+    init_random_frames: int = 1000
+    frames_per_batch: int = 200
+    eval_every: int = 200
+    """Frames between evaluations; each saves a checkpoint, and the medium policy is one of them,
+    so they must be close together where the return rises fast (docs/pipeline.md)."""
+    eval_episodes: int = 3
+    optim: OptimConfig = field(default_factory=sac_optim)
 
 
 @dataclass
 class DatasetConfig:
-    """D^beta: either an existing Minari dataset (`name`) or one generated from the pretrain stage."""
+    """D^beta: an existing Minari dataset (`name`) or one generated from the pretrain stage."""
+
+    __pydantic_config__ = {"extra": "forbid"}
 
     name: str | None = None
+    """Id of a local Minari dataset to train on; it replaces the pretrain and dataset stages."""
     preset: str = "medium"
+    """D4RL preset of the generated dataset: random, medium, expert, medium-replay or medium-expert."""
     steps: int = 10000
-    # Return level of the `medium` policy: this fraction of the way from random to the best return.
+    """Environment steps in the generated dataset."""
     medium_level: float = 1 / 3
-    # Score the dataset against the best pretrain policy (D4RL normalisation). False, for smoke runs
-    # whose pretraining is too short to beat random play: the dataset's own behaviour policy is the
-    # 100 mark where it beats random (as `cqlsac datasets create` without --expert), else no scores;
-    # such normalised scores do not compare across runs.
+    """Return level of the medium policy: this fraction of the way from random to the best return."""
     reference_scores: bool = True
+    """Score the dataset against the best pretrained policy (D4RL normalisation: 0 = random,
+    100 = expert). When that policy does not beat random play, the dataset gets no scores and the
+    run says so. False: the dataset's own behaviour policy is the 100 mark where it beats random,
+    else no scores; such normalised scores do not compare across runs."""
+    save_as: str | None = None
+    """Id to store the generated dataset under (null: cqlsac/<env>/<preset>_<key>-v0). The run prints it;
+    `dataset.name=ID` trains on it again."""
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -104,68 +154,78 @@ class DatasetConfig:
             raise ConfigError(f"dataset.medium_level must be in [0, 1], got {self.medium_level}")
 
 
-def cql_optim() -> OptimConfig:
-    """Learning rates of the CQL agent, offline and after the switch to online data."""
-    return OptimConfig(actor_lr=3e-4, critic_lr=1e-3, alpha_lr=1e-3)
-
-
 @dataclass
 class OfflineConfig:
+    """CQL-SAC on the offline data alone."""
+
+    __pydantic_config__ = {"extra": "forbid"}
+
     updates: int = 6000
+    """Gradient updates."""
     batch_size: int = 256
+    """Transitions per update."""
     log_every: int = 100
+    """Updates between logged (and reported) losses and Q-values."""
     loss: LossConfig = field(default_factory=LossConfig)
+    """The CQL-SAC loss (docs/loss.md)."""
     optim: OptimConfig = field(default_factory=cql_optim)
+    """Optimiser of the offline updates."""
 
     def __post_init__(self):
         check_numbers(self, "offline", positive=("batch_size", "log_every"), non_negative=("updates",))
 
 
 @dataclass
-class FinetuneConfig:
-    """Offline-online combined training (spec section 5)."""
+class FinetuneConfig(OnlineConfig):
+    """Offline-online combined training from the offline agent (docs/pipeline.md)."""
 
-    frames: int = 5000
-    # A divisor of `eval_every`, so that the half-budget point (2500 of 5000 frames) is evaluated.
-    frames_per_batch: int = 100
-    utd_ratio: float = 1.0
-    batch_size: int = 256
-    mixing: str = "fixed"
-    offline_fraction: float = 0.5
-    # With `annealed`, the offline fraction goes linearly from `offline_fraction` to this value.
-    offline_fraction_end: float = 0.0
-    # CQL weight after the switch to online data; None keeps the offline weight. 0 (SAC on the
-    # mixed data from the CQL agent) by default: on Pendulum, keeping w = 5 stalled fine-tuning
-    # (final -261 / -398 on seeds 1 / 2, against -142 / -147 with 0; README, "Results").
-    cql_weight: float | None = 0.0
-    calibrated: bool = False
-    eval_every: int = 500
-    # The fine-tuned agent against SAC from scratch: Pendulum's first 3 seeded starts are easy ones
-    # (a policy that fails on most starts scores the optimum on them), so 10, as the final evaluation.
-    eval_episodes: int = 10
-    # Optimiser of the fine-tuning phase: a fresh Adam (the offline one's moments are not carried over).
+    section: ClassVar[str] = "finetune"
+
     optim: OptimConfig = field(default_factory=cql_optim)
-    # Also train SAC from scratch for the same number of frames, for the learning-curve comparison.
-    sac_baseline: bool = True
-    # Its critics, whatever `network.critic_layer_norm` gives the agent: plain by default, because
-    # on Pendulum plain critics learn from scratch much faster (final -122 against -190 to -450 with
-    # layer normalisation; README, "Results"), so the claim is tested against the stronger baseline.
-    sac_baseline_critic_layer_norm: bool = False
+    mixing: Literal["fixed", "annealed", "merged"] = "fixed"
+    """How batches mix offline and online rows: a fixed share, a share annealed linearly, or one
+    uniform draw from the union of both."""
+    offline_fraction: float = 0.5
+    """Share of offline rows per batch (fixed; the start of the annealed ramp)."""
+    offline_fraction_end: float = 0.0
+    """Share of offline rows at the end of the annealed ramp."""
+    cql_weight: float | None = 0.0
+    """CQL weight after the switch to online data; null keeps the offline weight (docs/results.md)."""
+    calibrated: bool = False
+    """Cal-QL after the switch (needs a CQL weight above 0)."""
 
     def __post_init__(self):
-        if self.mixing not in MIXING_MODES:
-            raise ConfigError(f"finetune.mixing must be one of {MIXING_MODES}, got {self.mixing!r}")
+        super().__post_init__()
         for name in ("offline_fraction", "offline_fraction_end"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"finetune.{name} must be in [0, 1], got {getattr(self, name)}")
-        check_numbers(self, "finetune", positive=("utd_ratio", "batch_size", "eval_episodes"))
-        check_batch_grid("finetune", self.frames, self.eval_every, self.frames_per_batch)
+
+
+@dataclass
+class BaselineConfig(OnlineConfig):
+    """SAC from scratch on the fine-tuning budget: the curve fine-tuning is compared with."""
+
+    section: ClassVar[str] = "baseline"
+
+    init_random_frames: int = 1000
+    optim: OptimConfig = field(default_factory=sac_optim)
+    critic_layer_norm: bool = False
+    """Layer-normalised critics for SAC from scratch, whatever `network.critic_layer_norm` gives the
+    agent: plain ones learn faster from scratch here, so the comparison is with the stronger learner."""
+    seed_offset: int = 0
+    """Added to `seed` for this stage, to run SAC from scratch on other seeds than the agent."""
 
 
 @dataclass
 class EvaluateConfig:
+    """The final evaluation, and the seeds of every evaluation in the run."""
+
+    __pydantic_config__ = {"extra": "forbid"}
+
     episodes: int = 10
+    """Episodes of the deterministic final policy."""
     seed: int = 10_000
+    """Env seed of the first evaluation episode (episode i uses seed + i), in every stage."""
 
     def __post_init__(self):
         check_numbers(self, "evaluate", positive=("episodes",))
@@ -175,11 +235,15 @@ class EvaluateConfig:
 class CheckpointConfig:
     """In-stage checkpoints, which `cqlsac run --resume RUN_DIR` continues from.
 
-    No stage hash covers this section: how often a stage saves does not change what it computes.
+    No stage's cache key covers this section: how often a stage saves does not change what it computes.
     """
 
-    offline_every: int = 500  # offline updates between checkpoints
-    online_every: int = 1000  # collected frames between checkpoints (pretrain, finetune, SAC baseline)
+    __pydantic_config__ = {"extra": "forbid"}
+
+    offline_every: int = 500
+    """Offline updates between checkpoints."""
+    online_every: int = 1000
+    """Collected frames between checkpoints (pretrain, finetune, baseline)."""
 
     def __post_init__(self):
         for name in ("offline_every", "online_every"):
@@ -187,76 +251,223 @@ class CheckpointConfig:
                 raise ConfigError(f"checkpoints.{name} must be at least 1, got {getattr(self, name)}")
 
 
+def default_stages() -> list[str]:
+    return ["pretrain", "dataset", "offline", "finetune", "baseline", "evaluate"]
+
+
 @dataclass
 class PipelineConfig:
+    """A whole pipeline run; `PipelineConfig()` is the default that `cqlsac run` runs."""
+
+    __pydantic_config__ = {"extra": "forbid"}
+
     seed: int = 0
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    """Seed of every stage (each stage adds its own offset)."""
+    stages: list[str] = field(default_factory=default_stages)
+    """Stages to run; the stages they read run first (or are reused)."""
     output_dir: str = "runs"
-    # Finished stage outputs, shared by runs: a stage with the same inputs is not run again.
+    """Where run directories are made."""
     cache_dir: str = "runs/cache"
-    logger: str = "csv"
+    """Finished stage outputs, shared by runs: a stage whose inputs are the same is not run again."""
+    logger: Literal["csv", "tensorboard"] = "csv"
+    """Logger of the training curves in the run directory."""
     env: EnvConfig = field(default_factory=EnvConfig)
-    # Layer-normalised critics: on Pendulum fine-tuning then recovers from the drop after the switch
-    # within ~1500 online frames instead of ~3000 (README, "Results").
     network: NetworkConfig = field(default_factory=lambda: NetworkConfig(
         actor_hidden=(64, 64), critic_hidden=(64, 64), critic_layer_norm=True))
+    """Networks of the pipeline's agent, in every stage."""
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     offline: OfflineConfig = field(default_factory=OfflineConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
-    # A mean Q-value beyond +-this bound is reported once as a warning (Q-values exploding); it does
-    # not stop training. Far above the |Q| of the usual Gym rewards (|r| < 20, gamma 0.99).
     q_value_bound: float = 1e4
+    """A mean Q-value beyond +-this is reported once as a warning (critics diverging); training goes on."""
 
     def __post_init__(self):
-        unknown = [s for s in self.stages if s not in STAGES]
-        if unknown:
-            raise ConfigError(f"stages: unknown stage(s) {unknown}; the stages are {list(STAGES)}")
         if not self.stages:
-            raise ConfigError(f"stages: the list is empty; name one or more of {list(STAGES)}")
+            raise ConfigError("stages: the list is empty; name one or more stages, e.g. [offline]")
         if not self.q_value_bound > 0:
             raise ConfigError(f"q_value_bound must be positive, got {self.q_value_bound}")
-        if self.logger not in ("csv", "tensorboard"):
-            raise ConfigError(f"logger must be 'csv' or 'tensorboard', got {self.logger!r}")
         if self.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("logger: tensorboard is not installed; `pip install tensorboard` or use logger=csv")
-        finetune_weight = self.offline.loss.cql_weight if self.finetune.cql_weight is None else self.finetune.cql_weight
-        if self.finetune.calibrated and finetune_weight == 0:
+        if self.finetune.calibrated and finetune_loss(self.offline.loss, self.finetune).cql_weight == 0:
             raise ConfigError("finetune.calibrated: Cal-QL changes the CQL penalty, which finetune.cql_weight = 0 "
                               "turns off; set finetune.cql_weight > 0 (or null to keep the offline weight)")
 
     # --- loading and saving -------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict) -> "PipelineConfig":
-        return build(cls, data, "")
+    def from_dict(cls, data: dict) -> PipelineConfig:
+        return validate(cls, data)
 
     @classmethod
-    def from_yaml(cls, path: str | Path | None = None, overrides: list[str] = ()) -> "PipelineConfig":
-        data = {}
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist")
-            try:
-                data = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-            if not isinstance(data, dict):
-                raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+    def from_yaml(cls, path: str | Path | None = None, overrides: list[str] = ()) -> PipelineConfig:
+        """The config of a YAML file (a path, or the name of a bundled example such as `lunarlander`;
+        None: the default) with `key=value` overrides laid over it."""
+        data = read_yaml(resolve_config_path(path)) if path is not None else {}
+        seen: dict[str, str] = {}
         for override in overrides:
-            apply_override(data, override)
+            key = apply_override(data, override)
+            if key in seen:
+                raise ConfigError(f"{key} is given twice ({seen[key]!r} and {override!r}); give it once")
+            seen[key] = override
         return cls.from_dict(data)
 
     def to_dict(self) -> dict:
         return to_plain(self)
 
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+    def to_yaml(self, path: str | Path | None = None, comments: bool = False) -> str:
+        """The config as YAML; with `comments`, each key preceded by its documentation."""
+        text = documented_yaml(self) if comments else yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
             Path(path).write_text(text)
         return text
+
+
+def finetune_loss(offline: LossConfig, finetune: FinetuneConfig) -> LossConfig:
+    """The offline loss with fine-tuning's CQL weight and Cal-QL setting."""
+    weight = offline.cql_weight if finetune.cql_weight is None else finetune.cql_weight
+    return dataclasses.replace(offline, cql_weight=weight, calibrated=finetune.calibrated or offline.calibrated)
+
+
+# --- YAML ---------------------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's numbers (`3e-4`, `1e3` are floats, not strings) and no duplicate keys."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise ConfigError(f"key(s) {', '.join(repeated)} given twice{node.start_mark}")
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|\.(?:inf|Inf|INF))$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {' '.join(str(exc).split())}") from None
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file path, or the name of a config bundled with cqlsac (`pendulum`, `lunarlander`, ...)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    bundled = bundled_configs()
+    if path.suffix == "" and path.name in bundled:
+        return bundled[path.name]
+    raise ConfigError(f"config file {path} does not exist (bundled configs: {', '.join(sorted(bundled))})")
+
+
+def bundled_configs() -> dict[str, Path]:
+    """The example configs installed with cqlsac, by name."""
+    folder = importlib.resources.files("cqlsac.configs")
+    return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".yaml")}
+
+
+def read_yaml(path: Path) -> dict:
+    data = parse_yaml(path.read_text(), f"config file {path}") or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict, override: str) -> str:
+    """Apply `a.b.c=value` to a nested dict (the value parsed as YAML); returns the dotted key."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key=value, e.g. finetune.frames=2000")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r} has an empty key part")
+    try:
+        value = yaml.load(raw, Loader=_Loader)
+    except (yaml.YAMLError, ConfigError):
+        value = raw
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+    return ".".join(parts)
+
+
+# --- validation -----------------------------------------------------------------------------
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
+               "list": "a list", "tuple": "a list", "dict": "a mapping", "dataclass": "a mapping"}
+
+
+@cache
+def _adapter(cls: type):
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(cls)
+
+
+def validate(cls: type, data: Any) -> Any:
+    """Instantiate dataclass `cls` from plain data, checking every key and type; a mistake is a `ConfigError`."""
+    from pydantic import ValidationError
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
+    try:
+        return _adapter(cls).validate_python(over_defaults(cls(), data))
+    except ValidationError as exc:
+        raise ConfigError(_describe(cls, exc.errors()[0])) from None
+
+
+def over_defaults(default: Any, data: dict) -> dict:
+    """`data` laid over the plain form of `default`, section by section, so that a partial section
+    keeps its parent's defaults (e.g. the pipeline's 64x64 networks, not `NetworkConfig()`'s)."""
+    merged = to_plain(default)
+    for key, value in data.items():
+        section = getattr(default, key, None) if isinstance(key, str) else None
+        merged[key] = (over_defaults(section, value) if dataclasses.is_dataclass(section) and isinstance(value, dict)
+                       else value)
+    return merged
+
+
+def _describe(cls: type, error: dict) -> str:
+    """One line for a pydantic error: the dotted key, what it takes and what it got."""
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(part if not part.isdigit() else f"[{part}]" for part in loc).replace(".[", "[")
+    kind, value = error["type"], error.get("input")
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        section = _section_class(cls, loc[:-1])
+        names = ", ".join(f.name for f in dataclasses.fields(section)) if section else ""
+        where = ".".join(loc[:-1]) or "the top level"
+        return f"unknown config key(s) {key} (valid keys at {where}: {names})"
+    if kind == "value_error":
+        message = str(error["ctx"]["error"])
+        return message if not loc or message.startswith(loc[0]) else f"{key}: {message}"
+    if kind == "literal_error":
+        return f"{key} must be one of {error['ctx']['expected']}, got {value!r}"
+    for word, what in _TYPE_WORDS.items():
+        if kind.startswith(word):
+            return f"{key} must be {what}, got {value!r}"
+    return f"{key}: {error['msg']} (got {value!r})"
+
+
+def _section_class(cls: type, loc: list[str]) -> type | None:
+    """The dataclass of the section at `loc` under `cls` (None past a non-dataclass)."""
+    for part in loc:
+        hint = typing.get_type_hints(cls).get(part) if dataclasses.is_dataclass(cls) else None
+        candidates = [c for c in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(c)]
+        if not candidates:
+            return None
+        cls = candidates[0]
+    return cls
 
 
 def to_plain(obj: Any) -> Any:
@@ -276,99 +487,39 @@ def config_hash(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def apply_override(data: dict, override: str) -> None:
-    """Apply `a.b.c=value` to a nested dict; the value is parsed as YAML (numbers, lists, null)."""
-    if "=" not in override:
-        raise ConfigError(f"override {override!r} must look like key=value, e.g. finetune.frames=2000")
-    key, raw = override.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"override {override!r} has an empty key part")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = raw
-    node = data
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = value
+# --- documentation ----------------------------------------------------------------------------
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass `cls` (base classes' too), by field name."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, following in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                    and isinstance(following.value.value, str)):
+                docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
 
 
-def build(cls: type, data: Any, prefix: str) -> Any:
-    """Instantiate dataclass `cls` from plain data, checking every key and type."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = prefix.rstrip(".") or "the top level"
-        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)} "
-                          f"(valid keys at {where}: {', '.join(sorted(names))})")
-    # Start from the defaults, so that a partial section keeps its parent's defaults for the rest.
-    merged = merge(to_plain(cls()), data)
-    kwargs = {name: convert(hints[name], value, prefix + name) for name, value in merged.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
-
-
-def merge(base: dict, update: dict) -> dict:
-    """`update` laid over `base`, recursively for mappings."""
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = merge(base[key], value) if isinstance(base.get(key), dict) and isinstance(value, dict) else value
-    return out
-
-
-def convert(hint: Any, value: Any, key: str) -> Any:
-    """Check `value` against the annotation `hint`; ints are accepted where floats are expected."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return convert(option, value, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0])
-    if dataclasses.is_dataclass(hint):
-        return build(hint, value, key + ".")
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
-        items = [convert(args[0], v, f"{key}[{i}]") if args else v for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if hint is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return value
-    return value
+def documented_yaml(config: Any, indent: int = 0) -> str:
+    """YAML of a config dataclass with each key's documentation as a comment above it."""
+    lines = []
+    pad = " " * indent
+    docs = field_docs(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        doc = docs.get(f.name, "")
+        if not doc and dataclasses.is_dataclass(value):
+            doc = (inspect.getdoc(type(value)) or "").split("\n")[0]
+        for line in textwrap.wrap(doc, 96 - indent):
+            lines.append(f"{pad}# {line}")
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{pad}{f.name}:")
+            lines.append(documented_yaml(value, indent + 2))
+        else:
+            dumped = yaml.safe_dump(to_plain(value), default_flow_style=True, width=1000)
+            lines.append(f"{pad}{f.name}: {dumped.removesuffix(chr(10)).removesuffix(chr(10) + '...')}")
+    return "\n".join(lines) + ("\n" if indent == 0 else "")

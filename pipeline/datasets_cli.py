@@ -7,15 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from gymnasium.envs.registration import EnvSpec
-from tensordict import TensorDict
-
-from cqlsac.components.envs import UnknownEnvError
-from cqlsac.datasets import DatasetError, datasets_root, list_local_datasets, load_transitions, normalized_score
-from cqlsac.pipeline.checkpoints import CheckpointError
-from cqlsac.pipeline.dataset_creation import PRESETS, DatasetCreationError, create_dataset, write_replay_dataset
-
-USER_ERRORS = (DatasetError, DatasetCreationError, CheckpointError, UnknownEnvError)
+from cqlsac.components.errors import UserError
+from cqlsac.datasets.presets import PRESETS
 
 
 def _json_object(text: str) -> dict:
@@ -72,6 +65,10 @@ def add_datasets_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _list() -> None:
+    from gymnasium.envs.registration import EnvSpec
+
+    from cqlsac.datasets import datasets_root, list_local_datasets
+
     datasets = list_local_datasets()
     if not datasets:
         print(f"no datasets in {datasets_root()}; create one with "
@@ -80,7 +77,8 @@ def _list() -> None:
     rows = [("ID", "ENV", "EPISODES", "STEPS", "KIND")]
     for dataset_id, meta in datasets.items():
         env = EnvSpec.from_json(meta["env_spec"]).id if meta.get("env_spec") else "-"
-        kind = (meta.get("cqlsac") or {}).get("preset") or meta.get("algorithm_name", "-")
+        made_here = meta.get("cqlsac")
+        kind = (made_here.get("preset") or "custom") if made_here else meta.get("algorithm_name", "-")
         rows.append((dataset_id, env, str(meta["total_episodes"]), str(meta["total_steps"]), str(kind)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     print(f"datasets in {datasets_root()}:")
@@ -89,6 +87,8 @@ def _list() -> None:
 
 
 def _show(dataset_id: str) -> None:
+    from cqlsac.datasets import load_transitions, normalized_score
+
     _, info = load_transitions(dataset_id)
     size = sum(p.stat().st_size for p in info.path.rglob("*") if p.is_file())
     extra = info.metadata.get("cqlsac") or {}
@@ -119,6 +119,10 @@ def _show(dataset_id: str) -> None:
 
 
 def _create(args: argparse.Namespace) -> None:
+    from tensordict import TensorDict
+
+    from cqlsac.datasets import DatasetCreationError, create_dataset, write_replay_dataset
+
     expert = args.ref_max_score if args.ref_max_score is not None else args.expert
     if args.replay is not None or args.preset == "medium-replay":
         if args.replay is None or args.preset not in (None, "medium-replay") or args.policy or not args.env:
@@ -150,7 +154,7 @@ def run_datasets_command(args: argparse.Namespace) -> int:
             _show(args.dataset_id)
         else:
             _create(args)
-    except USER_ERRORS as exc:
+    except UserError as exc:
         print(f"cqlsac datasets {args.datasets_command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,4 +1,4 @@
-"""Training loops around `update_step`: offline updates, online collection + updates, evaluation.
+"""Supervision of the training loops: stop signals, divergence checks, checkpoints and what they record.
 
 A `Supervisor` watches every loop between updates: it stops at a NaN/Inf, warns once when Q-values
 explode, saves periodic checkpoints and, on SIGINT/SIGTERM, saves one more and stops the run.
@@ -9,24 +9,19 @@ from __future__ import annotations
 import math
 import signal
 import sys
+import time
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, NoReturn
+from typing import NoReturn
 
 import torch
 from tensordict import TensorDict, TensorDictBase
-from torchrl.collectors import Collector
-from torchrl.envs.utils import ExplorationType, set_exploration_type
-from tqdm.auto import tqdm
 
-from cqlsac.components.cql_loss import CQLSACLoss
-from cqlsac.components.envs import make_env
-from cqlsac.components.update import update_step
-from cqlsac.datasets.offline import discounted_returns
-from cqlsac.pipeline.checkpoints import atomic_torch_save, load_training_state, read_checkpoint, save_training_state
+from cqlsac.components.checkpoints import atomic_torch_save, load_training_state, read_checkpoint, save_training_state
+from cqlsac.components.update import Agent
 
-MetricsLog = Callable[[str, TensorDictBase, int], None]
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as shells report it
 ROWS = "cqlsac-replay-rows"
 STATE_SUFFIX = ".state.pt"  # training states and their replay chunks; the pipeline removes them once a stage is done
@@ -84,6 +79,11 @@ def stop_on_signals() -> Iterator[None]:
         _stop_signal = None
 
 
+def stop_requested() -> bool:
+    """Whether a stop signal arrived."""
+    return _stop_signal is not None
+
+
 def stop_if_requested(checkpoint: Path | None = None) -> None:
     """Raise `Interrupted` if a stop signal arrived."""
     if _stop_signal is not None:
@@ -94,21 +94,27 @@ class Supervisor:
     """Divergence checks, periodic checkpoints and stop signals for one training loop.
 
     `step` counts the loop's `unit`: updates (offline) or collected frames (online); a checkpoint
-    is saved every `every` steps, at the end, and when a stop signal arrives. `record` (an
-    `OnlineRecord` or a `CurveRecord`) holds what the stage gathered besides the networks; `on_resume(step)` drops
-    what the interrupted run logged after the checkpoint it resumes from.
+    is saved to `path` every `every` steps, at the end, and when a stop signal arrives, tied to
+    the stage's `config_key`. `record` (an `OnlineRecord` or a `CurveRecord`) holds what the stage
+    gathered besides the networks; `on_resume(step)` drops what the interrupted run logged after
+    the checkpoint it resumes from. `seconds` is the loop's compute time, across resumes.
     """
 
-    def __init__(self, name: str, unit: str, path: Path, fingerprint: str, loss: CQLSACLoss, optimizer, every: int,
+    def __init__(self, agent: Agent | None, *, name: str, unit: str, path: Path, config_key: str, every: int,
                  q_bound: float, resume: bool, record: OnlineRecord | CurveRecord | None = None,
                  on_resume: Callable[[int], None] = lambda step: None):
-        self.name, self.unit, self.path, self.fingerprint = name, unit, path, fingerprint
-        self.on_resume = on_resume
-        self.loss, self.optimizer, self.record = loss, optimizer, record
+        self.agent, self.name, self.unit, self.path, self.config_key = agent, name, unit, path, config_key
         self.every, self.q_bound, self.resume = every, q_bound, resume
+        self.record, self.on_resume = record, on_resume
         self.next_save = every
         self.saved_step: int | None = None
         self.q_exceeded_at: int | None = None
+        self.started, self.seconds_before = time.perf_counter(), 0.0
+
+    @property
+    def seconds(self) -> float:
+        """Compute time of the loop so far, including the runs it resumed from (up to their checkpoints)."""
+        return self.seconds_before + time.perf_counter() - self.started
 
     @property
     def resuming(self) -> bool:
@@ -122,8 +128,10 @@ class Supervisor:
                 print(f"[{self.name}] starting over: the checkpoint an interrupted run left at {self.path} will be "
                       "replaced (`cqlsac run --resume RUN_DIR` continues that run instead)")
             return {}
-        progress = load_training_state(self.path, self.fingerprint, self.loss, self.optimizer)
+        progress = load_training_state(self.path, self.config_key, self.agent.loss, self.agent.optimizer)
         record = progress.pop("record", None)
+        self.seconds_before = progress.pop("seconds", 0.0)
+        self.started = time.perf_counter()
         if self.record is not None:
             self.record.load_state_dict(record, self.path)
         self.saved_at(progress["step"])
@@ -155,16 +163,18 @@ class Supervisor:
 
     def tick(self, step: int, progress: Callable[[], dict], final: bool = False) -> None:
         """Save when due, at the end or on a stop signal; then stop if a signal asked for it."""
-        if final or _stop_signal is not None or step >= self.next_save:
+        if final or stop_requested() or step >= self.next_save:
             self.save(step, progress())
         stop_if_requested(self.path)
 
     def save(self, step: int, progress: dict) -> None:
-        if not all(torch.isfinite(p).all() for p in self.loss.parameters()):
+        loss = self.agent.loss
+        if not all(torch.isfinite(p).all() for p in loss.parameters()):
             self.diverged(f"non-finite weights at {self.unit} {step}")
         if self.record is not None:
             progress["record"] = self.record.state_dict(self.path)
-        save_training_state(self.path, self.fingerprint, self.loss, self.optimizer, {"step": step, **progress})
+        save_training_state(self.path, self.config_key, loss, self.agent.optimizer,
+                            {"step": step, "seconds": self.seconds, **progress})
         self.saved_at(step)
 
     def saved_at(self, step: int) -> None:
@@ -173,122 +183,16 @@ class Supervisor:
         self.next_save = step - step % self.every + self.every
 
 
-def evaluate_policy(actor, env_id: str, env_kwargs: dict, episodes: int, seed: int) -> list[float]:
-    """Returns of the deterministic policy (squashed mean) over `episodes` episodes with seeds seed, seed+1, ..."""
-    env = make_env(env_id, env_kwargs=env_kwargs)
-    returns = []
-    for episode in range(episodes):
-        env.set_seed(seed + episode)
-        with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
-            rollout = env.rollout(max_steps=1_000_000, policy=actor)
-        returns.append(rollout["next", "reward"].sum().item())
-    env.close()
-    return returns
-
-
-def train_offline(loss: CQLSACLoss, optimizer, tau: float, sample: Callable[[], TensorDictBase], updates: int,
-                  log: MetricsLog, log_every: int, supervisor: Supervisor, desc: str = "offline") -> None:
-    """`updates` CQL-SAC updates on batches from `sample`, carrying on from the supervisor's checkpoint."""
-    start = supervisor.restore().get("step", 0)
-    for step in tqdm(range(start, updates), desc=desc, mininterval=2.0, initial=start, total=updates):
-        metrics = update_step(loss, optimizer, sample(), tau)
-        supervisor.check(metrics, step + 1)
-        if (step + 1) % log_every == 0:
-            log(desc, metrics, int(loss.update_count))
-        supervisor.tick(step + 1, lambda: {}, final=step + 1 == updates)
-
-
-def train_online(loss: CQLSACLoss, optimizer, tau: float, new_collector: Callable[[int], Collector],
-                 add: Callable[[TensorDictBase], None], sample: Callable[[float], TensorDictBase],
-                 can_update: Callable[[int], bool], total_frames: int, utd_ratio: float,
-                 evaluate: Callable[[], float], eval_every: int, on_eval: Callable[[int, float], None],
-                 log: MetricsLog, supervisor: Supervisor, desc: str) -> None:
-    """Collect, store, update `utd_ratio` times per new frame, evaluate every `eval_every` frames.
-
-    `new_collector(frames)` makes a collector for the frames still to collect after `frames` (a
-    resumed stage cannot restore the env, so it carries on with a fresh collector);
-    `sample(progress)` gets the fraction of frames collected so far (for annealed mixing);
-    `can_update(frames)` gates the first updates (random warm-up frames).
-    """
-    restored = supervisor.restore()
-    frames, last_eval = restored.get("step", 0), restored.get("last_eval", 0)
-    next_eval, owed_updates = restored.get("next_eval", eval_every), restored.get("owed_updates", 0.0)
-
-    def progress() -> dict:
-        return {"next_eval": next_eval, "owed_updates": owed_updates, "last_eval": last_eval}
-
-    def settle() -> None:
-        """The updates and the evaluation that the frames collected so far call for, then a checkpoint if due."""
-        nonlocal owed_updates, next_eval, last_eval
-        metrics = None
-        while owed_updates >= 1:
-            metrics = update_step(loss, optimizer, sample(frames / total_frames), tau)
-            owed_updates -= 1
-            supervisor.check(metrics, frames)
-            if _stop_signal is not None:
-                supervisor.tick(frames, progress)
-        if metrics is not None:
-            log(desc, metrics, frames)
-        if frames > last_eval and (frames >= next_eval or frames >= total_frames):
-            on_eval(frames, evaluate())
-            last_eval, next_eval = frames, next_eval + eval_every
-        supervisor.tick(frames, progress, final=frames >= total_frames)
-
-    with tqdm(total=total_frames, initial=frames, desc=desc, mininterval=2.0) as bar:
-        settle()  # a resumed loop first finishes what its last batch still owed
-        if frames >= total_frames:
-            return
-        collector = new_collector(frames)
-        for data in collector:
-            frames += data.numel()
-            bar.update(data.numel())
-            add(data)
-            if can_update(frames):
-                owed_updates += utd_ratio * data.numel()
-            settle()
-        collector.shutdown()
-
-
-class EpisodeAccumulator:
-    """Holds online steps until their episode ends, then releases them with `mc_return` (Cal-QL's bound).
-
-    The return-to-go of an online episode is only known once it has ended, so its transitions join
-    the online buffer then, as in Cal-QL.
-    """
-
-    def __init__(self, gamma: float, keys: list):
-        self.gamma, self.keys = gamma, keys
-        self.pending: list[TensorDictBase] = []
-
-    def add(self, data: TensorDictBase) -> TensorDictBase | None:
-        """Store a batch of consecutive steps; return the completed episodes' transitions, if any."""
-        data = data.reshape(-1).select(*self.keys, strict=False)
-        done = data["next", "done"].reshape(-1)
-        ends = torch.nonzero(done).reshape(-1).tolist()
-        if not ends:
-            self.pending.append(data)
-            return None
-        completed, start = [], 0
-        for end in ends:
-            episode = torch.cat([*self.pending, data[start:end + 1]])
-            self.pending, start = [], end + 1
-            rewards = episode["next", "reward"].reshape(-1).double().numpy()
-            episode["mc_return"] = torch.as_tensor(
-                discounted_returns(rewards, self.gamma), dtype=torch.float32).unsqueeze(-1)
-            completed.append(episode)
-        if start < data.shape[0]:
-            self.pending.append(data[start:])
-        return torch.cat(completed)
-
-
 class CurveRecord:
     """Points (update, q_data, cql_gap) an offline loop logged, kept in its checkpoints so that a
-    resumed stage still reports its whole curve."""
+    resumed stage still reports its whole curve. It logs as the log it wraps does, and keeps the points."""
 
-    def __init__(self):
+    def __init__(self, log):
+        self.inner = log
         self.points: list[tuple[int, float, float]] = []
 
-    def add(self, step: int, metrics: TensorDictBase) -> None:
+    def log(self, prefix: str, metrics: TensorDictBase, step: int) -> None:
+        self.inner.log(prefix, metrics, step)
         self.points.append((step, metrics["q_data"].item(), metrics["cql_gap"].item()))
 
     def state_dict(self, state_path: Path) -> dict:
@@ -310,25 +214,28 @@ def rows_from_state(state: dict) -> TensorDict:
 class OnlineRecord:
     """What an online stage gathered and a resume must not lose: replay rows, evaluations, unfinished episodes.
 
-    Replay rows are saved in chunks next to the training state, each checkpoint writing only the
-    rows added since the last one, so checkpoints of a long run do not rewrite its whole buffer.
+    `data` is the loop's online data (`OnlineReplay` or `MixedReplay`): its growing `buffer` and
+    its `pending` steps. Replay rows are saved in chunks next to the training state, each
+    checkpoint writing only the rows added since the last one, so checkpoints of a long run do not
+    rewrite its whole buffer.
     """
 
-    def __init__(self, buffer, evals: list, accumulator: EpisodeAccumulator | None = None):
-        self.buffer, self.evals, self.accumulator = buffer, evals, accumulator
+    def __init__(self, data, evals: list):
+        self.data, self.evals = data, evals
         self.chunks: list[str] = []  # file names of the saved rows, in order
         self.saved_rows = 0
 
     def state_dict(self, state_path: Path) -> dict:
         """Save the rows added since the last call as a chunk beside `state_path`; the rest as a dict."""
-        start, end = self.saved_rows, len(self.buffer)
+        buffer = self.data.buffer
+        start, end = self.saved_rows, len(buffer)
         if end > start:
             # A chunk written by a run that was killed before its state file is simply overwritten.
             name = f"{state_path.name.removesuffix(STATE_SUFFIX)}.rows-{self.saved_rows:010d}{STATE_SUFFIX}"
-            atomic_torch_save(rows_state(self.buffer[start:end]), state_path.with_name(name))
+            atomic_torch_save(rows_state(buffer[start:end]), state_path.with_name(name))
             self.chunks.append(name)
             self.saved_rows = end
-        pending = self.accumulator.pending if self.accumulator is not None else []
+        pending = self.data.pending
         return {"chunks": list(self.chunks), "evals": list(self.evals),
                 "pending": rows_state(torch.cat(pending)) if pending else None}
 
@@ -336,9 +243,9 @@ class OnlineRecord:
         for name in state["chunks"]:
             rows = rows_from_state(read_checkpoint(state_path.with_name(name), ROWS,
                                                    f"delete {state_path} to restart this stage from scratch"))
-            self.buffer.extend(rows)
+            self.data.buffer.extend(rows)
             self.saved_rows += rows.shape[0]
         self.chunks = list(state["chunks"])
         self.evals[:] = state["evals"]
         if state["pending"] is not None:
-            self.accumulator.pending = [rows_from_state(state["pending"])]
+            self.data.pending = [rows_from_state(state["pending"])]

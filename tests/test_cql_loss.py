@@ -16,8 +16,9 @@ from torch.distributions import Normal
 from torchrl.data import Bounded, Unbounded
 from torchrl.modules import TanhNormal
 
-from cqlsac.components.cql_loss import CQLSACLoss, LossConfig
-from cqlsac.components.networks import NetworkConfig, make_actor, make_critics
+from cqlsac.components.config import LossConfig, NetworkConfig
+from cqlsac.components.cql_loss import CQLSACLoss
+from cqlsac.components.networks import make_actor, make_critics
 
 OBS_DIM, ACT_DIM, BATCH = 3, 2, 5
 LOW = torch.tensor([-2.0, -1.0])

@@ -15,13 +15,14 @@ import torch
 from tensordict import TensorDict
 from torchrl.envs import ExplorationType, set_exploration_type
 
+from cqlsac.components.checkpoints import save_policy
 from cqlsac.components.collector import make_collector
+from cqlsac.components.config import NetworkConfig
 from cqlsac.components.envs import make_env
-from cqlsac.components.networks import NetworkConfig, make_actor
+from cqlsac.components.networks import make_actor
 from cqlsac.datasets import DatasetError, load_transitions
-from cqlsac.pipeline import dataset_creation
-from cqlsac.pipeline.checkpoints import save_policy
-from cqlsac.pipeline.dataset_creation import DatasetCreationError, create_dataset, write_replay_dataset
+from cqlsac.datasets import creation as dataset_creation
+from cqlsac.datasets.creation import DatasetCreationError, create_dataset, write_replay_dataset
 from cqlsac.pipeline.datasets_cli import add_datasets_parser
 
 PENDULUM = "Pendulum-v1"

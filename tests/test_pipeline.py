@@ -12,13 +12,14 @@ import torch
 from tensordict import TensorDict
 from torchrl.data import LazyTensorStorage, ReplayBuffer
 
-from cqlsac.components.replay import MixedReplay
+from cqlsac.components.replay import EpisodeAccumulator, MixedReplay
+from cqlsac.datasets.creation import create_dataset
+from cqlsac.pipeline import stages, supervision
+from cqlsac.pipeline.cache import ConfigView, UndeclaredConfigRead, read_values, stage_lock
 from cqlsac.pipeline.cli import main
 from cqlsac.pipeline.config import ConfigError, PipelineConfig
-from cqlsac.pipeline.dataset_creation import create_dataset
-from cqlsac.pipeline.pipeline import STAGE_TABLE, Pipeline, pick_medium, stage_lock
-from cqlsac.pipeline import training
-from cqlsac.pipeline.training import EpisodeAccumulator
+from cqlsac.pipeline.pipeline import Pipeline
+from cqlsac.pipeline.stages import STAGES, pick_medium
 
 TINY = [
     "network.actor_hidden=[32,32]", "network.critic_hidden=[32,32]",
@@ -28,6 +29,8 @@ TINY = [
     "offline.updates=40", "offline.batch_size=64", "offline.log_every=10", "offline.loss.num_actions=4",
     "finetune.frames=400", "finetune.frames_per_batch=100", "finetune.eval_every=200",
     "finetune.eval_episodes=1", "finetune.batch_size=64", "evaluate.episodes=2",
+    "baseline.frames=400", "baseline.init_random_frames=200", "baseline.frames_per_batch=100",
+    "baseline.eval_every=200", "baseline.eval_episodes=1", "baseline.batch_size=64",
 ]
 
 
@@ -64,7 +67,6 @@ def test_yaml_round_trip_and_overrides(tmp_path):
     ("offline.loss.lagrange=3", "offline.loss.lagrange must be true or false"),
     ("finetune.mixing=sometimes", "finetune.mixing must be one of"),
     ("offline.loss.cql_weight=-1", "cql_weight=-1.0"),
-    ("stages=[pretrain,train]", "unknown stage(s) ['train']"),
     ("seed", "must look like key=value"),
     ("finetune.calibrated=true", "finetune.calibrated: Cal-QL changes the CQL penalty"),
     ("finetune.eval_every=250", "finetune.eval_every (250) must be a multiple of finetune.frames_per_batch (100)"),
@@ -95,56 +97,65 @@ def test_cli_reports_config_errors_with_exit_status_2(capsys):
     assert err.count("\n") == 1 and "unknown config key(s) offline.updatez" in err
 
 
+def test_unknown_stages_are_a_config_error():
+    with pytest.raises(ConfigError, match=r"stages: unknown stage\(s\) \['train'\]"):
+        Pipeline(PipelineConfig.from_yaml(None, ["stages=[pretrain,train]"]))
+
+
 def test_named_dataset_replaces_pretrain_and_dataset_stages():
     pipe = Pipeline(PipelineConfig.from_yaml(None, ["dataset.name=pendulum/sac-medium-v0"]))
-    assert pipe.plan() == ["offline", "finetune", "evaluate"]
+    assert pipe.plan() == ["dataset", "offline", "finetune", "baseline", "evaluate"]
+    assert pipe.table["dataset"].run is stages.use_named_dataset and "pretrain" not in pipe.table
     assert Pipeline(PipelineConfig()).plan(["offline"]) == ["pretrain", "dataset", "offline"]
 
 
-def test_stage_hash_depends_only_on_its_inputs():
+def test_stage_key_depends_only_on_what_the_stage_reads():
     base = Pipeline(PipelineConfig())
     changed = Pipeline(PipelineConfig.from_yaml(None, ["finetune.offline_fraction=0.25"]))
-    for stage in ("pretrain", "dataset", "offline"):
-        assert base.stage_hash(stage) == changed.stage_hash(stage)
+    for stage in ("pretrain", "dataset", "offline", "baseline"):
+        assert base.stage_key(stage) == changed.stage_key(stage)
     for stage in ("finetune", "evaluate"):
-        assert base.stage_hash(stage) != changed.stage_hash(stage)
+        assert base.stage_key(stage) != changed.stage_key(stage)
+    baseline_changed = Pipeline(PipelineConfig.from_yaml(None, ["baseline.optim.critic_lr=0.003"]))
+    assert [name for name in base.plan() if base.stage_key(name) != baseline_changed.stage_key(name)] == ["baseline"]
 
 
 @pytest.mark.parametrize("override", ["offline.loss.gamma=0.9", "evaluate.seed=5"])
 def test_pretraining_reruns_when_its_discount_or_evaluation_episodes_change(override):
-    assert Pipeline(PipelineConfig.from_yaml(None, [override])).stage_hash("pretrain") != \
-        Pipeline(PipelineConfig()).stage_hash("pretrain")
+    assert Pipeline(PipelineConfig.from_yaml(None, [override])).stage_key("pretrain") != \
+        Pipeline(PipelineConfig()).stage_key("pretrain")
 
 
-def test_with_a_named_dataset_its_files_and_the_baselines_settings_key_the_stages_after_it(dataset_store):
-    def hashes(*overrides):
+def test_with_a_named_dataset_its_files_key_the_stages_after_it(dataset_store):
+    after = ("dataset", "offline", "finetune", "evaluate")
+
+    def keys(*overrides):
         pipe = Pipeline(PipelineConfig.from_yaml(None, ["dataset.name=test/named-v0", *overrides]))
-        assert pipe.plan() == ["offline", "finetune", "evaluate"]  # no pretrain hash in the chain
-        return [pipe.stage_hash(name) for name in ("offline", "finetune", "evaluate")]
+        return {name: pipe.stage_key(name) for name in pipe.plan()}
 
     random_dataset("test/named-v0")
-    before = hashes()
-    assert hashes() == before
-    # SAC from scratch reads these pretrain settings: fine-tuning and evaluation run again.
-    for key in ("pretrain.init_random_frames=0", "pretrain.optim.critic_lr=0.003"):
-        changed = hashes(key)
-        assert changed[0] == before[0] and all(new != old for new, old in zip(changed[1:], before[1:]))
+    before = keys()
+    assert keys() == before
     random_dataset("test/named-v0", seed=1, overwrite=True)  # other data under the same name
-    assert all(new != old for new, old in zip(hashes(), before))
+    changed = keys()
+    assert all(changed[name] != before[name] for name in after) and changed["baseline"] == before["baseline"]
 
 
-def test_a_dataset_recorded_with_other_env_kwargs_is_warned_about(dataset_store):
+def test_a_dataset_recorded_with_other_env_kwargs_is_warned_about(workdir):
+    def replay(*overrides):
+        pipe = Pipeline.from_yaml(None, tiny(workdir, "stages=[dataset]", *overrides))
+        pipe.run()
+        return pipe.context("offline").offline_replay(4)
+
     random_dataset("test/light-v0", env_kwargs={"g": 5.0})
-    pipe = Pipeline(PipelineConfig.from_yaml(None, ["dataset.name=test/light-v0"]))
     with pytest.warns(UserWarning, match="recorded on Pendulum-v1 with kwargs {'g': 5.0} and a time limit of 200 "
                                          "steps, but the pipeline runs Pendulum-v1 with kwargs {} and 200"):
-        pipe.offline_replay(4)
+        replay("dataset.name=test/light-v0")
     random_dataset("test/short-v0", env_kwargs={"max_episode_steps": 100})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        Pipeline(PipelineConfig.from_yaml(None, ["dataset.name=test/light-v0", "env.kwargs={g: 5.0}"])).offline_replay(4)
-        Pipeline(PipelineConfig.from_yaml(None, ["dataset.name=test/short-v0", "env.kwargs={max_episode_steps: 100}"])
-                 ).offline_replay(4)
+        replay("dataset.name=test/light-v0", "env.kwargs={g: 5.0}")
+        replay("dataset.name=test/short-v0", "env.kwargs={max_episode_steps: 100}")
 
 
 def test_a_dataset_stage_whose_dataset_is_gone_runs_again(workdir):
@@ -189,9 +200,9 @@ def test_a_stop_signal_ends_the_wait_for_a_locked_stage(tmp_path, monkeypatch):
     other = threading.Thread(target=other_run)
     other.start()
     held.wait()
-    monkeypatch.setattr(training, "_stop_signal", signal.SIGINT)  # what the first SIGINT of a run sets
+    monkeypatch.setattr(supervision, "_stop_signal", signal.SIGINT)  # what the first SIGINT of a run sets
     try:
-        with pytest.raises(training.Interrupted):
+        with pytest.raises(supervision.Interrupted):
             with stage_lock(tmp_path, "offline"):
                 pass
     finally:
@@ -207,7 +218,7 @@ def test_stage_outputs_are_found_from_any_working_directory(workdir, monkeypatch
 
 def test_an_env_without_continuous_actions_is_a_config_error():
     with pytest.raises(ConfigError, match="CartPole-v1: CQL-SAC needs a bounded \\(Box\\) action space"):
-        Pipeline(PipelineConfig.from_yaml(None, ["env.id=CartPole-v1"])).check_env()
+        Pipeline(PipelineConfig.from_yaml(None, ["env.id=CartPole-v1"])).check([])
 
 
 def test_tensorboard_logger_without_tensorboard_is_a_config_error(monkeypatch):
@@ -220,11 +231,26 @@ def test_tensorboard_logger_without_tensorboard_is_a_config_error(monkeypatch):
 
 def test_a_new_stage_version_invalidates_that_stage_and_the_ones_after_it(monkeypatch):
     base = Pipeline(PipelineConfig())
-    before = {name: base.stage_hash(name) for name in STAGE_TABLE}
-    offline = STAGE_TABLE["offline"]
-    monkeypatch.setitem(STAGE_TABLE, "offline", dataclasses.replace(offline, version=offline.version + 1))
+    before = {name: base.stage_key(name) for name in base.table}
+    monkeypatch.setattr(stages, "STAGES", tuple(dataclasses.replace(s, version=s.version + 1) if s.name == "offline"
+                                                else s for s in STAGES))
     after = Pipeline(PipelineConfig())
-    assert [name for name in STAGE_TABLE if after.stage_hash(name) != before[name]] == ["offline", "finetune", "evaluate"]
+    assert [name for name in after.table if after.stage_key(name) != before[name]] == ["offline", "finetune", "evaluate"]
+
+
+# ---- cache-key safety: a stage reads only what its key covers ----------------------------------
+def test_a_stage_cannot_read_a_config_field_its_key_does_not_cover():
+    view = ConfigView(PipelineConfig(), ("offline.loss.gamma", "env"), "pretrain")
+    assert view.offline.loss.gamma == 0.99 and view.env.id == "Pendulum-v1"
+    assert view.checkpoints.online_every == 1000  # how often a stage saves: no key covers it
+    for read in (lambda: view.offline.updates, lambda: view.offline.loss.cql_weight, lambda: view.finetune):
+        with pytest.raises(UndeclaredConfigRead, match="stage 'pretrain' reads offline|stage 'pretrain' reads finetune"):
+            read()
+
+
+def test_every_declared_read_is_a_config_field():
+    for stage in (*STAGES, stages.NAMED_DATASET):
+        assert set(read_values(PipelineConfig(), stage.reads)) == set(stage.reads), stage.name
 
 
 # ---- replay mixing and online episodes ----------------------------------------------------
@@ -304,7 +330,7 @@ def test_tiny_pipeline_runs_all_stages_and_reuses_finished_ones(workdir, capsys)
     run_dir = workdir / "runs" / lines[-1].rsplit("/", 1)[-1]
     assert lines[-1] == str(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert set(summary["stage_seconds"]) == {"pretrain", "dataset", "offline", "finetune", "evaluate"}
+    assert set(summary["stage_seconds"]) == {"pretrain", "dataset", "offline", "finetune", "baseline", "evaluate"}
     assert isinstance(summary["final_eval_return"], float)
     assert "final_normalized_score" in summary
     for name in ("config.yaml", "report.md", "curves.png"):
@@ -314,34 +340,33 @@ def test_tiny_pipeline_runs_all_stages_and_reuses_finished_ones(workdir, capsys)
     assert [update for update, _, _ in offline["curve"]] == [10, 20, 30, 40]  # the report's Q panel, kept when reused
     assert PipelineConfig.from_yaml(run_dir / "config.yaml") == PipelineConfig.from_yaml(None, tiny(workdir))
 
-    # Only fine-tuning settings change (merged mode, the offline CQL weight kept): pretrain, dataset
-    # and offline are reused, and SAC from scratch, which they do not concern, learns the same curve.
+    # Only fine-tuning settings change (merged mode, the offline CQL weight kept): pretrain, dataset,
+    # offline and SAC from scratch (the baseline stage), which they do not concern, are reused.
     assert main(["run", *tiny(workdir, "finetune.mixing=merged", "finetune.cql_weight=null")]) == 0
     out = capsys.readouterr().out
     second = json.loads((workdir / "runs" / out.strip().splitlines()[-1].rsplit("/", 1)[-1] / "summary.json").read_text())
     assert set(second["stage_seconds"]) == {"finetune", "evaluate"}
-    assert "[offline] reusing" in out
+    assert "[offline] reusing" in out and "[baseline] reusing" in out
     assert second["offline_eval_return"] == summary["offline_eval_return"]
-    baselines = [json.loads((Path(run["stage_outputs"]["finetune"]) / "outputs.json").read_text())["sac_baseline_evals"]
-                 for run in (summary, second)]
-    assert baselines[0] == baselines[1] and len(baselines[0]) == 2
+    assert second["stage_outputs"]["baseline"] == summary["stage_outputs"]["baseline"]
+    assert second["baseline_evals"] == summary["baseline_evals"] and len(summary["baseline_evals"]) == 3
 
 
 def test_sac_baseline_critics_come_from_their_own_setting(workdir):
     """SAC from scratch ignores the agent's `network.critic_layer_norm` and follows its own key."""
     def baseline(*overrides):
-        pipe = Pipeline.from_yaml(None, tiny(workdir, "stages=[pretrain,dataset,offline,finetune]", *overrides))
+        pipe = Pipeline.from_yaml(None, tiny(workdir, "stages=[baseline]", *overrides))
         pipe.run()
-        return pipe.outputs["finetune"]["sac_baseline_evals"]
+        return pipe.outputs["baseline"]["evals"]
 
     plain_agent = baseline("network.critic_layer_norm=false")
     normalised_agent = baseline("network.critic_layer_norm=true")
     assert plain_agent == normalised_agent  # default: plain critics for both
-    assert baseline("network.critic_layer_norm=true", "finetune.sac_baseline_critic_layer_norm=true") != plain_agent
+    assert baseline("network.critic_layer_norm=true", "baseline.critic_layer_norm=true") != plain_agent
 
 
 def test_same_seed_reproduces_the_same_numbers(workdir):
-    first = Pipeline.from_yaml(None, tiny(workdir, "finetune.sac_baseline=false", cache="a")).run()
-    second = Pipeline.from_yaml(None, tiny(workdir, "finetune.sac_baseline=false", cache="b")).run()
+    first = Pipeline.from_yaml(None, tiny(workdir, "stages=[evaluate]", cache="a")).run()
+    second = Pipeline.from_yaml(None, tiny(workdir, "stages=[evaluate]", cache="b")).run()
     assert first["final_eval_return"] == second["final_eval_return"]
     assert first["offline_eval_return"] == second["offline_eval_return"]

@@ -15,14 +15,16 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from cqlsac.components.replay import make_online_buffer
-from cqlsac.components.update import make_optimizer
+from cqlsac.components import update as update_module
+from cqlsac.components.checkpoints import atomic_torch_save, default_file_mode, save_training_state
+from cqlsac.components.envs import make_env
+from cqlsac.components.replay import OnlineReplay
+from cqlsac.components.update import make_agent
 from cqlsac.datasets import Episode, load_transitions, write_dataset
-from cqlsac.pipeline import training
-from cqlsac.pipeline.checkpoints import atomic_torch_save, default_file_mode, save_training_state
+from cqlsac.datasets.creation import create_dataset
+from cqlsac.pipeline import supervision
 from cqlsac.pipeline.cli import main
-from cqlsac.pipeline.dataset_creation import create_dataset
-from cqlsac.pipeline.pipeline import Pipeline
+from cqlsac.pipeline.pipeline import MetricsLog, Pipeline
 
 DATASET = "test/pendulum-random-v0"
 RUN = [
@@ -30,6 +32,8 @@ RUN = [
     "offline.updates=300", "offline.batch_size=64", "offline.log_every=10", "offline.loss.num_actions=4",
     "finetune.frames=400", "finetune.frames_per_batch=100", "finetune.eval_every=200", "finetune.eval_episodes=1",
     "finetune.batch_size=64", "evaluate.episodes=1", "checkpoints.offline_every=20", "checkpoints.online_every=100",
+    "baseline.frames=400", "baseline.init_random_frames=200", "baseline.frames_per_batch=100",
+    "baseline.eval_every=200", "baseline.eval_episodes=1", "baseline.batch_size=64",
 ]
 
 
@@ -45,7 +49,10 @@ def store(tmp_path_factory):
 
 
 def run_args(root, name, *extra):
-    return RUN + [f"output_dir={root / name / 'runs'}", f"cache_dir={root / name / 'cache'}", *extra]
+    """`RUN` with the run's folders, and `extra` in place of any of its keys (a key given twice is an error)."""
+    base = RUN + [f"output_dir={root / name / 'runs'}", f"cache_dir={root / name / 'cache'}"]
+    replaced = {arg.split("=", 1)[0] for arg in extra}
+    return [arg for arg in base if arg.split("=", 1)[0] not in replaced] + list(extra)
 
 
 def run_dir_of(root, name):
@@ -83,19 +90,19 @@ def reference(store):
 
 def signal_at_log(monkeypatch, signum, prefix, step):
     """Send `signum` to this process when the loop `prefix` logs `step` (after a batch's updates)."""
-    log = Pipeline.log
+    log = MetricsLog.log
 
-    def log_then_signal(pipe, name, metrics, at):
-        log(pipe, name, metrics, at)
+    def log_then_signal(metrics_log, name, metrics, at):
+        log(metrics_log, name, metrics, at)
         if name == prefix and at == step:
             os.kill(os.getpid(), signum)
 
-    monkeypatch.setattr(Pipeline, "log", log_then_signal)
+    monkeypatch.setattr(MetricsLog, "log", log_then_signal)
 
 
 def after_update(monkeypatch, update, action):
     """Call `action(loss)` right after the loss module's `update`-th update (counted across stages)."""
-    update_step = training.update_step
+    update_step = update_module.update_step
 
     def update_then_act(loss, optimizer, batch, tau):
         metrics = update_step(loss, optimizer, batch, tau)
@@ -103,7 +110,7 @@ def after_update(monkeypatch, update, action):
             action(loss)
         return metrics
 
-    monkeypatch.setattr(training, "update_step", update_then_act)
+    monkeypatch.setattr(update_module, "update_step", update_then_act)
 
 
 # ---- interruption and resume ----------------------------------------------------------------
@@ -126,9 +133,10 @@ def test_signal_saves_a_checkpoint_and_the_resumed_offline_stage_is_bit_identica
     assert main(["run", "--resume", str(run_dir)]) == 0
     assert "[offline] resuming from" in capsys.readouterr().out
     assert_same_weights(agent_weights(reference, name), agent_weights(reference, "reference"))
-    assert stage_outputs(reference, name, "offline") == {
-        key: value.replace("reference", name) if isinstance(value, str) else value
-        for key, value in stage_outputs(reference, "reference", "offline").items()}
+    resumed, uninterrupted = (stage_outputs(reference, run, "offline") for run in (name, "reference"))
+    assert resumed.pop("seconds") > 0 and uninterrupted.pop("seconds") > 0  # compute time, before and after the stop
+    assert resumed == {key: value.replace("reference", name) if isinstance(value, str) else value
+                       for key, value in uninterrupted.items()}
     assert not state.exists()  # removed once the stage finished
     assert_same_offline_log(reference, name)
 
@@ -167,17 +175,17 @@ def test_online_record_saves_only_the_rows_added_since_the_last_checkpoint(tmp_p
         return TensorDict({"x": torch.tensor(values, dtype=torch.float32)}, [len(values)])
 
     state_path = tmp_path / "finetune.state.pt"
-    buffer = make_online_buffer(10)
-    record = training.OnlineRecord(buffer, evals=[(0, 1.0)])
-    buffer.extend(rows(1, 2, 3))
+    data = OnlineReplay(10, batch_size=2)
+    record = supervision.OnlineRecord(data, evals=[(0, 1.0)])
+    data.add(rows(1, 2, 3))
     assert len(record.state_dict(state_path)["chunks"]) == 1
-    buffer.extend(rows(4, 5))
+    data.add(rows(4, 5))
     state = record.state_dict(state_path)
     assert [torch.load(tmp_path / chunk, weights_only=True)["size"] for chunk in state["chunks"]] == [3, 2]
 
-    restored = make_online_buffer(10)
-    training.OnlineRecord(restored, evals=[]).load_state_dict(state, state_path)
-    assert restored[:]["x"].tolist() == [1, 2, 3, 4, 5]
+    restored = OnlineReplay(10, batch_size=2)
+    supervision.OnlineRecord(restored, evals=[]).load_state_dict(state, state_path)
+    assert restored.buffer[:]["x"].tolist() == [1, 2, 3, 4, 5]
 
 
 def test_sigkill_at_a_random_point_then_resume_matches_an_uninterrupted_run(reference):
@@ -203,7 +211,7 @@ def test_sigkill_at_a_random_point_then_resume_matches_an_uninterrupted_run(refe
     assert_same_offline_log(reference, "killed")  # rows logged after the last checkpoint are dropped on resume
     finetune = stage_outputs(reference, "killed", "finetune")
     assert [frames for frames, _ in finetune["evals"]] == [0, 200, 400]
-    assert [frames for frames, _ in finetune["sac_baseline_evals"]] == [200, 400]
+    assert [frames for frames, _ in stage_outputs(reference, "killed", "baseline")["evals"]] == [0, 200, 400]
     assert isinstance(stage_outputs(reference, "killed", "evaluate")["mean_return"], float)
 
 
@@ -225,8 +233,8 @@ def test_nan_stops_the_stage_and_keeps_the_last_good_checkpoint(store, monkeypat
 
 
 def test_q_values_above_the_bound_warn_once_with_the_step_where_they_began(tmp_path):
-    supervisor = training.Supervisor("offline", "update", tmp_path / "s.pt", "f", None, None, every=10, q_bound=100.0,
-                                     resume=False)
+    supervisor = supervision.Supervisor(None, name="offline", unit="update", path=tmp_path / "s.pt", config_key="f",
+                                        every=10, q_bound=100.0, resume=False)
 
     def metrics(q):
         return TensorDict({"loss_qvalue": torch.tensor(1.0), "q_data": torch.tensor(q)}, [])
@@ -235,9 +243,9 @@ def test_q_values_above_the_bound_warn_once_with_the_step_where_they_began(tmp_p
         warnings.simplefilter("always")
         for step, q in enumerate([5.0, -50.0, -150.0, 300.0, 20.0], start=1):
             supervisor.check(metrics(q), step)
-    assert [type(w.message) for w in caught] == [training.QValueWarning]
+    assert [type(w.message) for w in caught] == [supervision.QValueWarning]
     assert "mean Q-value -150 passed q_value_bound=100 at update 3" in str(caught[0].message)
-    with pytest.raises(training.DivergenceError, match=r"q_data became NaN/Inf at update 6; no checkpoint was saved"):
+    with pytest.raises(supervision.DivergenceError, match=r"q_data became NaN/Inf at update 6; no checkpoint was saved"):
         supervisor.check(metrics(float("inf")), 6)
 
 
@@ -250,8 +258,8 @@ def test_checkpoints_get_the_mode_of_a_plainly_written_file(tmp_path):
 
 def test_a_run_without_resume_says_it_starts_over_an_interrupted_stage(tmp_path, capsys):
     (tmp_path / "s.pt").write_bytes(b"left by an interrupted run")
-    supervisor = training.Supervisor("offline", "update", tmp_path / "s.pt", "f", None, None, every=10, q_bound=100.0,
-                                     resume=False)
+    supervisor = supervision.Supervisor(None, name="offline", unit="update", path=tmp_path / "s.pt", config_key="f",
+                                        every=10, q_bound=100.0, resume=False)
     assert supervisor.restore() == {}
     assert "[offline] starting over: the checkpoint an interrupted run left at" in capsys.readouterr().out
 
@@ -289,7 +297,7 @@ def bad_inputs(store):
 ])
 def test_bad_run_input_is_one_line_with_status_2(bad_inputs, capsys, args, message):
     args = [arg.replace("{root}", str(bad_inputs)) for arg in args]
-    assert main(["run", *run_args(bad_inputs, "bad"), *args]) == 2
+    assert main(["run", *run_args(bad_inputs, "bad", *args)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"cqlsac run: error: {message.replace('{root}', str(bad_inputs))}"), err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -315,8 +323,9 @@ def test_bad_checkpoints_and_run_dirs_are_one_line_with_status_2(bad_inputs, cap
     pipe, state = interrupted_run(bad_inputs, "bad-checkpoint")
     shutil.copy(bad_inputs / "garbage.pt", state)
     other, other_state = interrupted_run(bad_inputs, "other-config")
-    loss = other.new_agent(other.cfg.offline.loss)
-    save_training_state(other_state, "another config", loss, make_optimizer(loss, other.cfg.offline.optim), {"step": 1})
+    agent = make_agent(make_env("Pendulum-v1"), other.cfg.network, other.cfg.offline.loss, other.cfg.offline.optim)
+    loss = agent.loss
+    save_training_state(other_state, "another config", loss, agent.optimizer, {"step": 1})
     agent = bad_inputs / "agent.pt"
     torch.save({"kind": "cqlsac-agent", "loss": loss.state_dict()}, agent)
     cases = [  # (arguments, the start of the line, the fix it names)

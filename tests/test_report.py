@@ -11,25 +11,28 @@ def test_steps_to_reach_first_evaluation_at_or_above_level():
 
 
 def test_finetune_comparison_fraction_of_the_sac_budget():
-    finetune = {"evals": [(0, -400.0), (1000, -200.0), (2000, -140.0), (4000, -130.0)],
-                "sac_baseline_evals": [(1000, -1200.0), (2000, -600.0), (4000, -180.0)]}
-    assert finetune_comparison(finetune) == {
+    evals = [(0, -400.0), (1000, -200.0), (2000, -140.0), (4000, -130.0)]
+    baseline = [(0, -1300.0), (1000, -1200.0), (2000, -600.0), (4000, -180.0)]
+    assert finetune_comparison(evals, baseline) == {
         "sac_final_return": -180.0, "sac_frames": 4000, "finetune_steps_to_sac_final": 2000,
-        "finetune_step_fraction": 0.5}
+        "finetune_step_fraction": 0.5, "finetune_step_fraction_trivial": False}
 
 
 def test_finetune_comparison_never_reached_and_no_baseline():
-    never = {"evals": [(0, -900.0), (1000, -800.0)], "sac_baseline_evals": [(1000, -700.0)]}
-    assert finetune_comparison(never)["finetune_steps_to_sac_final"] is None
-    assert finetune_comparison(never)["finetune_step_fraction"] is None
-    assert finetune_comparison({"evals": [(0, -900.0)]}) == {}
+    never = finetune_comparison([(0, -900.0), (1000, -800.0)], [(1000, -700.0)])
+    assert never["finetune_steps_to_sac_final"] is None and never["finetune_step_fraction"] is None
+    assert finetune_comparison([(0, -900.0)], None) == {}
+
+
+def test_a_fraction_of_zero_is_flagged_trivial():
+    out = finetune_comparison([(0, -150.0), (1000, -140.0)], [(0, -1200.0), (1000, -160.0)])
+    assert out["finetune_step_fraction"] == 0.0 and out["finetune_step_fraction_trivial"] is True
 
 
 def test_finetune_comparison_near_level_between_random_and_sac_final():
     # Random -1000, SAC final -100: the near level is -1000 + 0.95 * 900 = -145.
-    finetune = {"evals": [(0, -300.0), (1000, -140.0), (2000, -101.0)],
-                "sac_baseline_evals": [(2000, -500.0), (4000, -100.0)]}
-    out = finetune_comparison(finetune, random_return=-1000.0)
+    out = finetune_comparison([(0, -300.0), (1000, -140.0), (2000, -101.0)], [(2000, -500.0), (4000, -100.0)],
+                              random_return=-1000.0)
     assert out["finetune_steps_to_sac_final"] is None and out["finetune_step_fraction"] is None
     assert out["finetune_steps_to_sac_final_near"] == 1000
     assert out["finetune_step_fraction_near"] == 0.25

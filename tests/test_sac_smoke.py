@@ -5,10 +5,11 @@ from torchrl.collectors import Collector
 from torchrl.data import LazyTensorStorage, ReplayBuffer
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from cqlsac.components.cql_loss import CQLSACLoss, LossConfig
+from cqlsac.components.config import LossConfig, NetworkConfig, OptimConfig
+from cqlsac.components.cql_loss import CQLSACLoss
 from cqlsac.components.envs import make_env
-from cqlsac.components.networks import NetworkConfig, make_actor, make_critics
-from cqlsac.components.update import OptimConfig, make_optimizer, update_step
+from cqlsac.components.networks import make_actor, make_critics
+from cqlsac.components.update import make_optimizer, update_step
 
 FRAMES, RANDOM_FRAMES, FRAMES_PER_BATCH = 4000, 500, 100
 

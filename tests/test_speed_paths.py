@@ -5,16 +5,16 @@ import platform
 
 import pytest
 import torch
-from torch import nn
-
 from tensordict import TensorDict
+from torch import nn
 from torchrl.data import Bounded, Unbounded
 
 from cqlsac.components.allocator import ENV_SWITCH, keep_freed_memory
-from cqlsac.components.cql_loss import CQLSACLoss, LossConfig
-from cqlsac.components.networks import EnsembleMLP, NetworkConfig, make_actor, make_critics
+from cqlsac.components.config import LossConfig, NetworkConfig, OptimConfig
+from cqlsac.components.cql_loss import CQLSACLoss
+from cqlsac.components.networks import EnsembleMLP, make_actor, make_critics
 from cqlsac.components.onednn_ensemble import available_for
-from cqlsac.components.update import OptimConfig, cuda_graph_update, make_optimizer, update_step
+from cqlsac.components.update import cuda_graph_update, make_optimizer, update_step
 
 OBS_DIM, ACT_DIM, BATCH, NUM_ACTIONS = 5, 2, 4, 3
 

@@ -5,9 +5,10 @@ import torch
 from tensordict import TensorDict
 from torchrl.data import Bounded, Unbounded
 
-from cqlsac.components.cql_loss import CQLSACLoss, LossConfig
-from cqlsac.components.networks import NetworkConfig, make_actor, make_critics
-from cqlsac.components.update import OptimConfig, make_optimizer, polyak_update, update_step
+from cqlsac.components.config import LossConfig, NetworkConfig, OptimConfig
+from cqlsac.components.cql_loss import CQLSACLoss
+from cqlsac.components.networks import make_actor, make_critics
+from cqlsac.components.update import make_optimizer, polyak_update, update_step
 
 OBS_DIM, ACT_DIM, BATCH = 3, 2, 6
 # Four different rates, so that a parameter in the wrong group shows.

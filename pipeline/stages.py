@@ -1,0 +1,264 @@
+"""The stages of the pipeline and the one table that declares them.
+
+Each stage is a function of a `StageContext` that returns its outputs (a JSON-able dict). Its
+table entry names the stages it reads and the config fields it reads (`reads`): its cache key is
+made of exactly those, and the context's config refuses any other field (`cache.ConfigView`).
+`stage_table(cfg)` is the one place that knows about a named dataset: it replaces the pretrain
+and dataset stages with a stage that only describes that dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tensordict import TensorDict
+
+from cqlsac.components.checkpoints import load_agent, load_policy, save_agent
+from cqlsac.components.config import LossConfig, NetworkConfig
+from cqlsac.components.replay import EpisodeAccumulator, MixedReplay, OnlineReplay, make_online_buffer
+from cqlsac.components.update import Agent
+from cqlsac.datasets import (
+    create_dataset,
+    dataset_files_digest,
+    is_local,
+    normalized,
+    reference_scores_of,
+    write_replay_dataset,
+)
+from cqlsac.pipeline.config import ConfigError, OnlineConfig, PipelineConfig, finetune_loss
+from cqlsac.pipeline.loops import train_offline, train_online
+from cqlsac.pipeline.supervision import CurveRecord, OnlineRecord
+
+if TYPE_CHECKING:
+    from cqlsac.pipeline.pipeline import StageContext
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[StageContext], dict]
+    inputs: tuple[str, ...] = ()
+    # Dotted config paths the stage reads; its cache key covers exactly these (and the seed).
+    reads: tuple[str, ...] = ()
+    # Raised when the stage computes something else for the same config, so that outputs cached by
+    # older code are not reused (version 1 adds nothing to the key).
+    version: int = 1
+    # Data outside the cache that the stage reads, as a digest for the key (a named dataset's files).
+    data_digest: Callable[[PipelineConfig], str] | None = None
+    # Whether finished outputs can still be used (e.g. their Minari dataset is still in the store).
+    intact: Callable[[dict], bool] = lambda outputs: True
+    # Added to the run's seed for this stage (the baseline may run on other seeds than the agent).
+    seed_offset: Callable[[PipelineConfig], int] = lambda cfg: 0
+
+
+# --- online SAC: pretraining and the baseline -------------------------------------------------
+def train_sac(ctx: StageContext, schedule: OnlineConfig, network: NetworkConfig, collector_seed: int,
+              evaluate_at_start: bool = False) -> tuple[Agent, OnlineReplay, list[dict]]:
+    """Online SAC from scratch (the loss with CQL weight 0): a policy checkpoint at every evaluation.
+
+    Returns the agent, its replay data and the evaluations as checkpoint records (frames, return,
+    path); with `evaluate_at_start`, the untrained policy is evaluated at frame 0 too.
+    """
+    agent = ctx.agent(LossConfig(gamma=ctx.cfg.offline.loss.gamma, cql_weight=0.0), schedule.optim, network)
+    data = OnlineReplay(schedule.frames, schedule.batch_size, warmup_frames=schedule.init_random_frames)
+    checkpoints: list[dict] = []
+    supervisor = ctx.supervisor(agent, OnlineRecord(data, checkpoints))
+
+    def evaluate() -> float:
+        return ctx.mean_return(agent.actor, schedule.eval_episodes)
+
+    def keep(frames: int, mean_return: float) -> None:
+        path = ctx.dir / f"policy_{frames:08d}.pt"
+        ctx.save_policy(path, agent.actor, network, mean_return=mean_return, frames=frames)
+        checkpoints.append({"frames": frames, "return": mean_return, "path": str(path)})
+        ctx.log.scalar(f"{ctx.name}/eval_return", mean_return, frames)
+
+    if evaluate_at_start and not supervisor.resuming:
+        keep(0, evaluate())
+    for frames, mean_return in train_online(agent, data, ctx.collector_after(agent.actor, schedule, collector_seed),
+                                            schedule=schedule, evaluate=evaluate, log=ctx.log,
+                                            supervisor=supervisor, desc=ctx.name):
+        keep(frames, mean_return)
+    return agent, data, checkpoints
+
+
+def run_pretrain(ctx: StageContext) -> dict:
+    """Online SAC from scratch: the behaviour policies (a checkpoint per evaluation) and its replay data."""
+    cfg = ctx.cfg
+    _, data, checkpoints = train_sac(ctx, cfg.pretrain, cfg.network, collector_seed=ctx.seed)
+    replay = ctx.dir / "replay"
+    shutil.rmtree(replay, ignore_errors=True)
+    data.buffer[:].exclude("collector", "loc", "scale").memmap(replay)
+    random_return = ctx.mean_return(None, cfg.pretrain.eval_episodes)
+    return {"checkpoints": checkpoints, "replay": str(replay), "random_return": random_return}
+
+
+def run_baseline(ctx: StageContext) -> dict:
+    """SAC from scratch on its own budget and seed: the curve the fine-tuned agent is compared with."""
+    cfg = ctx.cfg
+    network = dataclasses.replace(cfg.network, critic_layer_norm=cfg.baseline.critic_layer_norm)
+    _, _, checkpoints = train_sac(ctx, cfg.baseline, network, collector_seed=ctx.seed + 2, evaluate_at_start=True)
+    return {"evals": [(c["frames"], c["return"]) for c in checkpoints], "checkpoints": checkpoints,
+            "policy": checkpoints[-1]["path"]}
+
+
+# --- the dataset --------------------------------------------------------------------------------
+def pick_medium(checkpoints: list[dict], random_return: float, expert_return: float, level: float,
+                warmup_frames: int) -> dict:
+    """The medium behaviour policy, as D4RL made it: training stopped early at `level` of the way
+    from random to expert.
+
+    Among the trained checkpoints up to the first one that reaches that return, the one nearest to
+    it. A later checkpoint with that return is a trained policy that has collapsed for a while,
+    which covers the state space quite differently from a partly trained one; a checkpoint within
+    the `warmup_frames` of random actions is the untrained network.
+    """
+    trained = [c for c in checkpoints if c["frames"] > warmup_frames] or checkpoints
+    target = random_return + level * (expert_return - random_return)
+    reached = next((i for i, c in enumerate(trained) if c["return"] >= target), len(trained) - 1)
+    return min(trained[: reached + 1], key=lambda c: abs(c["return"] - target))
+
+
+def describe_dataset(dataset_id: str) -> dict:
+    """What the stages after the dataset read of it: its id and normalisation bounds."""
+    return {"dataset_id": dataset_id, **reference_scores_of(dataset_id)}
+
+
+def run_dataset(ctx: StageContext) -> dict:
+    """D^beta from the pretrained behaviour policies, written as a Minari dataset (D4RL presets).
+
+    expert = the best pretrain checkpoint; medium = see `pick_medium`; medium-replay = the pretrain
+    replay up to medium. A best checkpoint that does not beat random play (pretraining too short)
+    gives a dataset without normalisation bounds.
+    """
+    cfg, dcfg, pretrain = ctx.cfg, ctx.cfg.dataset, ctx.inputs["pretrain"]
+    env_slug = cfg.env.id.lower().replace("-", "_")
+    dataset_id = dcfg.save_as or f"cqlsac/{env_slug}/{dcfg.preset}_{ctx.key[:8]}-v0"
+    checkpoints = pretrain["checkpoints"]
+    expert = max(checkpoints, key=lambda c: c["return"])
+    medium = pick_medium(checkpoints, pretrain["random_return"], expert["return"], dcfg.medium_level,
+                         cfg.pretrain.init_random_frames)
+    common = dict(expert=expert["path"] if dcfg.reference_scores else None, seed=ctx.seed, overwrite=True,
+                  allow_weak_expert=True)
+    if dcfg.preset == "medium-replay":
+        replay = TensorDict.load_memmap(pretrain["replay"])[: medium["frames"]]
+        write_replay_dataset(dataset_id, replay, cfg.env.id, cfg.env.kwargs, **common)
+    else:
+        policies = {"random": ["random"], "medium": [medium["path"]], "expert": [expert["path"]],
+                    "medium-expert": [medium["path"], expert["path"]]}[dcfg.preset]
+        create_dataset(dataset_id, policies, dcfg.steps, env_id=cfg.env.id, env_kwargs=cfg.env.kwargs,
+                       preset=dcfg.preset, **common)
+    print(f"[dataset] wrote {dataset_id}; train on it again with dataset.name={dataset_id}")
+    return {**describe_dataset(dataset_id), "medium": medium, "expert": expert}
+
+
+def use_named_dataset(ctx: StageContext) -> dict:
+    """A dataset from the local Minari store, by name (`dataset.name`)."""
+    return describe_dataset(ctx.cfg.dataset.name)
+
+
+def dataset_is_local(outputs: dict) -> bool:
+    """A dataset stage whose Minari dataset left the local store (deleted, another MINARI_DATASETS_PATH) runs again."""
+    return is_local(outputs["dataset_id"])
+
+
+# --- offline, fine-tuning, evaluation ---------------------------------------------------------
+def run_offline(ctx: StageContext) -> dict:
+    """CQL-SAC on the offline replay for `offline.updates` updates."""
+    ocfg = ctx.cfg.offline
+    replay, info = ctx.offline_replay(ocfg.batch_size)
+    agent = ctx.agent(ocfg.loss, ocfg.optim)
+    keys = agent.loss.in_keys
+    curve = CurveRecord(ctx.log)  # for the report, which cannot read the logs of a run that reused this stage
+    train_offline(agent, lambda: replay.sample().select(*keys), updates=ocfg.updates, log=curve,
+                  log_every=ocfg.log_every, supervisor=ctx.supervisor(agent, curve))
+    mean_return = ctx.mean_return(agent.actor, ctx.cfg.evaluate.episodes)
+    ctx.log.scalar("offline/eval_return", mean_return, ocfg.updates)
+    save_agent(ctx.dir / "agent.pt", agent.loss)
+    ctx.save_policy(ctx.dir / "policy.pt", agent.actor, ctx.cfg.network, mean_return=mean_return)
+    return {"agent": str(ctx.dir / "agent.pt"), "policy": str(ctx.dir / "policy.pt"), "eval_return": mean_return,
+            "dataset_id": info.dataset_id, "dataset_mean_return": info.mean_return, "curve": curve.points}
+
+
+def run_finetune(ctx: StageContext) -> dict:
+    """Offline-online combined training from the offline agent (docs/pipeline.md)."""
+    cfg, fcfg = ctx.cfg, ctx.cfg.finetune
+    loss_cfg = finetune_loss(cfg.offline.loss, fcfg)
+    agent = ctx.agent(loss_cfg, fcfg.optim)
+    load_agent(ctx.inputs["offline"]["agent"], agent.loss)
+    offline, _ = ctx.offline_replay(None)  # MixedReplay asks for its own share of each batch
+    keys = agent.loss.in_keys + ["mc_return"] if "mc_return" not in agent.loss.in_keys else agent.loss.in_keys
+    end = fcfg.offline_fraction_end if fcfg.mixing == "annealed" else None
+    data = MixedReplay(offline, make_online_buffer(fcfg.frames), fcfg.batch_size, keys, fcfg.offline_fraction, end,
+                       merged=fcfg.mixing == "merged", episodes=EpisodeAccumulator(loss_cfg.gamma, keys))
+    evals: list = []
+    supervisor = ctx.supervisor(agent, OnlineRecord(data, evals))
+
+    def evaluate() -> float:
+        return ctx.mean_return(agent.actor, fcfg.eval_episodes)
+
+    if not supervisor.resuming:  # a resumed stage gets this point back from its checkpoint
+        # The offline policy under the same protocol as the points after it (not the offline stage's own).
+        evals.append((0, evaluate()))
+    for frames, mean_return in train_online(agent, data, ctx.collector_after(agent.actor, fcfg, ctx.seed + 1),
+                                            schedule=fcfg, evaluate=evaluate, log=ctx.log, supervisor=supervisor,
+                                            desc="finetune"):
+        evals.append((frames, mean_return))
+        ctx.log.scalar("finetune/eval_return", mean_return, frames)
+    ctx.save_policy(ctx.dir / "policy.pt", agent.actor, cfg.network)
+    return {"policy": str(ctx.dir / "policy.pt"), "evals": evals}
+
+
+def run_evaluate(ctx: StageContext) -> dict:
+    """The final policy, deterministic, over `evaluate.episodes` seeded episodes; raw and normalised."""
+    policy = ctx.inputs["finetune"]["policy"]
+    actor, _ = load_policy(policy)
+    returns = ctx.evaluation_returns(actor, ctx.cfg.evaluate.episodes)
+    mean_return = sum(returns) / len(returns)
+    bounds = ctx.inputs["dataset"]
+    has_scores = bounds["ref_min_score"] is not None and bounds["ref_max_score"] is not None
+    return {"policy": policy, "returns": returns, "mean_return": mean_return,
+            "normalized_score": normalized(mean_return, bounds["ref_min_score"], bounds["ref_max_score"])
+            if has_scores else None}
+
+
+# --- the table --------------------------------------------------------------------------------
+STAGES = (
+    # `offline.loss.gamma` is pretraining's discount too; `evaluate.seed` picks the episodes that
+    # score its checkpoints (and so the medium and expert policies).
+    Stage("pretrain", run_pretrain, reads=("env", "network", "pretrain", "offline.loss.gamma", "evaluate.seed")),
+    # v2: the medium policy is stopped early (`pick_medium`).
+    Stage("dataset", run_dataset, inputs=("pretrain",),
+          reads=("env", "dataset.preset", "dataset.steps", "dataset.medium_level", "dataset.reference_scores",
+                 "dataset.save_as", "pretrain.init_random_frames"),
+          version=2, intact=dataset_is_local),
+    Stage("offline", run_offline, inputs=("dataset",), reads=("env", "network", "offline", "evaluate")),
+    # v3: the offline policy's point of the fine-tuning curve comes from the fine-tuning evaluation protocol.
+    Stage("finetune", run_finetune, inputs=("offline", "dataset"),
+          reads=("env", "network", "offline.loss", "finetune", "evaluate.seed"), version=3),
+    Stage("evaluate", run_evaluate, inputs=("finetune", "dataset"), reads=("env", "evaluate")),
+    Stage("baseline", run_baseline,
+          reads=("env", "network", "baseline", "offline.loss.gamma", "evaluate.seed"),
+          seed_offset=lambda cfg: cfg.baseline.seed_offset),
+)
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
+NAMED_DATASET = Stage("dataset", use_named_dataset, reads=("dataset.name",),
+                      data_digest=lambda cfg: dataset_files_digest(cfg.dataset.name), intact=dataset_is_local)
+
+
+def stage_table(cfg: PipelineConfig) -> dict[str, Stage]:
+    """The stages of this config by name: with `dataset.name`, the named dataset stands in for the
+    pretrain and dataset stages. Unknown names in `cfg.stages` are a `ConfigError`."""
+    unknown = [name for name in cfg.stages if name not in STAGE_NAMES]
+    if unknown:
+        raise ConfigError(f"stages: unknown stage(s) {unknown}; the stages are {list(STAGE_NAMES)}")
+    table = {stage.name: stage for stage in STAGES}
+    if cfg.dataset.name is not None:
+        del table["pretrain"]
+        table["dataset"] = NAMED_DATASET
+    return table
+
