@@ -84,12 +84,12 @@ from torchrl.data import Bounded, LazyTensorStorage, ReplayBuffer, Unbounded  # 
 from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator  # noqa: E402
 from torchrl.objectives import CQLLoss, SoftUpdate  # noqa: E402
 
-from cqlsac.components.allocator import ENV_SWITCH, keep_freed_memory  # noqa: E402
-from cqlsac.components.cql_loss import CQLSACLoss, LossConfig  # noqa: E402
 from cqlsac.components import onednn_ensemble  # noqa: E402
-from cqlsac.components.networks import EnsembleMLP, NetworkConfig, make_actor, make_critics  # noqa: E402
-from cqlsac.components.update import (  # noqa: E402
-    OptimConfig, cuda_graph_update, make_optimizer, polyak_update, update_step)
+from cqlsac.components.allocator import ENV_SWITCH, keep_freed_memory  # noqa: E402
+from cqlsac.components.config import LossConfig, NetworkConfig, OptimConfig  # noqa: E402
+from cqlsac.components.cql_loss import CQLSACLoss  # noqa: E402
+from cqlsac.components.networks import EnsembleMLP, make_actor, make_critics  # noqa: E402
+from cqlsac.components.update import cuda_graph_update, make_optimizer, polyak_update, update_step  # noqa: E402
 
 GAMMA, TAU, CQL_WEIGHT = 0.99, 0.005, 5.0
 
@@ -435,7 +435,7 @@ def measure_updates(args, device, sync, rb) -> dict:
     res["sgemm"] = mm_flops * rates["sgemm"].per_s / 1e9  # GFLOP/s
     res["sgemm_onednn"] = onednn_flops * rates["sgemm_onednn"].per_s / 1e9 if onednn_fn is not None else None
     res["sgemm_best"] = max(res["sgemm"], res["sgemm_onednn"] or 0.0)
-    del trl, trl_opt, trl_updater, torchrl_pool
+    del fns  # frees torchrl's loss and its copies of the batches before the next measurements
 
     sac, sac_opt = make_ours(args, device, cql_weight=0.0)
     res["sac"] = interleaved_rates({"sac": lambda k: update_step(sac, sac_opt, pool[k % len(pool)], TAU)},
