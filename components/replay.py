@@ -1,9 +1,10 @@
 """Online data for the training loops: SAC's own buffer, and offline/online mixing (docs/loss.md, "Offline-to-online").
 
-Both kinds answer the loop's three questions: `add(frames)` (store what the collector delivered),
-`ready(frames_collected)` (may the updates start?) and `sample(progress)` (the next batch, for
-training progress in [0, 1]). Each holds its growing online buffer as `buffer` and its unfinished
-episodes as `pending`, which is what a checkpoint saves.
+Both kinds answer the loop's three questions: `add(frames)` (store what the collector delivered,
+`[T]` steps of one env or `[num_envs, T]`), `ready(frames_collected)` (may the updates start?) and
+`sample(progress)` (the next batch, for training progress in [0, 1]). Each holds its growing
+online buffer as `buffer` and its unfinished episodes as `pending` (per env), which is what a
+checkpoint saves.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class OnlineReplay:
     def __init__(self, capacity: int, batch_size: int, warmup_frames: int = 0):
         self.buffer = make_online_buffer(capacity)
         self.batch_size, self.warmup_frames = batch_size, warmup_frames
-        self.pending: list[TensorDictBase] = []  # steps are stored as they come, never held back
+        self.pending: dict[int, list[TensorDictBase]] = {}  # steps are stored as they come, never held back
 
     def add(self, frames: TensorDictBase) -> None:
         self.buffer.extend(frames.reshape(-1))
@@ -51,32 +52,35 @@ class EpisodeAccumulator:
     """Holds online steps until their episode ends, then releases them with `mc_return` (Cal-QL's bound).
 
     The return-to-go of an online episode is only known once it has ended, so its transitions join
-    the online buffer then, as in Cal-QL.
+    the online buffer then, as in Cal-QL. The steps of each env are held apart (`pending[env]`).
     """
 
     def __init__(self, gamma: float, keys: list):
         self.gamma, self.keys = gamma, keys
-        self.pending: list[TensorDictBase] = []
+        self.pending: dict[int, list[TensorDictBase]] = {}
 
     def add(self, data: TensorDictBase) -> TensorDictBase | None:
-        """Store a batch of consecutive steps; return the completed episodes' transitions, if any."""
-        data = data.reshape(-1).select(*self.keys, strict=False)
-        done = data["next", "done"].reshape(-1)
-        ends = torch.nonzero(done).reshape(-1).tolist()
-        if not ends:
-            self.pending.append(data)
-            return None
+        """Store `[T]` consecutive steps (or `[num_envs, T]`); return the completed episodes' transitions, if any."""
+        data = data.select(*self.keys, strict=False)
+        rows = data.unsqueeze(0) if data.ndim == 1 else data.reshape(-1, data.shape[-1])
+        completed = [episode for env, steps in enumerate(rows.unbind(0)) for episode in self._add(env, steps)]
+        return torch.cat(completed) if completed else None
+
+    def _add(self, env: int, data: TensorDictBase) -> list[TensorDictBase]:
+        pending = self.pending.setdefault(env, [])
+        ends = torch.nonzero(data["next", "done"].reshape(-1)).reshape(-1).tolist()
         completed, start = [], 0
         for end in ends:
-            episode = torch.cat([*self.pending, data[start:end + 1]])
-            self.pending, start = [], end + 1
+            episode = torch.cat([*pending, data[start:end + 1]])
+            pending.clear()
+            start = end + 1
             rewards = episode["next", "reward"].reshape(-1).double().numpy()
             episode["mc_return"] = torch.as_tensor(
                 discounted_returns(rewards, self.gamma), dtype=torch.float32).unsqueeze(-1)
             completed.append(episode)
         if start < data.shape[0]:
-            self.pending.append(data[start:])
-        return torch.cat(completed)
+            pending.append(data[start:])
+        return completed
 
 
 class MixedReplay:
@@ -102,11 +106,11 @@ class MixedReplay:
         self.episodes = episodes
 
     @property
-    def pending(self) -> list[TensorDictBase]:
-        return self.episodes.pending if self.episodes is not None else []
+    def pending(self) -> dict[int, list[TensorDictBase]]:
+        return self.episodes.pending if self.episodes is not None else {}
 
     @pending.setter
-    def pending(self, steps: list[TensorDictBase]) -> None:
+    def pending(self, steps: dict[int, list[TensorDictBase]]) -> None:
         self.episodes.pending = steps
 
     def add(self, frames: TensorDictBase) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import gymnasium as gym
 import minari
 import numpy as np
+import torch
 from gymnasium.envs.registration import EnvSpec
 from minari.data_collector import EpisodeBuffer
 from minari.dataset.minari_dataset import parse_dataset_id
@@ -53,7 +54,8 @@ def transitions_to_episodes(transitions: TensorDictBase) -> list[Episode]:
     or where a step's next observation is not the following step's observation (e.g. the wrap point
     of a circular replay buffer). An episode cut without either flag (the end of collection, a
     discontinuity) is marked truncated: its last next-observation is still valid to bootstrap from.
-    Leading batch dims (one row per env of a batched collector) are split row by row.
+    Leading batch dims (one row per env of a batched collector) are split row by row; in a flat
+    buffer that interleaves several envs, the rows of each trajectory id are taken together first.
     """
     if transitions.ndim > 1:
         rows = transitions.reshape(-1, transitions.shape[-1]).unbind(0)
@@ -61,6 +63,10 @@ def transitions_to_episodes(transitions: TensorDictBase) -> list[Episode]:
     n = transitions.shape[0]
     if n == 0:
         return []
+    traj_ids = transitions.get(("collector", "traj_ids"), None)
+    if traj_ids is not None:  # a replay buffer of several envs: each trajectory's steps together, in time order
+        order = torch.as_tensor(np.argsort(traj_ids.reshape(n).cpu().numpy(), kind="stable"))
+        transitions = transitions[order]
     obs = transitions["observation"].cpu().numpy()
     next_obs = transitions["next", "observation"].cpu().numpy()
     actions = transitions["action"].cpu().numpy()
@@ -98,7 +104,7 @@ def _minari_root(path: Path) -> Iterator[None]:
             os.environ["MINARI_DATASETS_PATH"] = previous
 
 
-def _episode_buffer(episode: Episode, observation_space: gym.spaces.Box, action_space: gym.spaces.Box) -> EpisodeBuffer:
+def _episode_buffer(episode: Episode, observation_space: gym.spaces.Box, action_space: gym.Space) -> EpisodeBuffer:
     """Minari's episode record, with arrays cast to the dtypes the spaces declare."""
     t = len(episode)
     shapes = {"observations": ((t + 1, *observation_space.shape), episode.observations.shape),
@@ -155,10 +161,11 @@ def write_dataset(dataset_id: str, episodes: Sequence[Episode], env: str | EnvSp
     check_reference_scores(ref_min_score, ref_max_score)
     spec = gym.spec(env) if isinstance(env, str) else env
     probe = gym.make(spec)
-    for name, space in (("observation", probe.observation_space), ("action", probe.action_space)):
-        if not isinstance(space, gym.spaces.Box):
-            raise DatasetError(f"{spec.id} has a {type(space).__name__} {name} space; "
-                               "CQL-SAC datasets need Box spaces")
+    if not isinstance(probe.observation_space, gym.spaces.Box) or not isinstance(
+            probe.action_space, (gym.spaces.Box, gym.spaces.Discrete)):
+        raise DatasetError(f"{spec.id} has {type(probe.observation_space).__name__} observations and "
+                           f"{type(probe.action_space).__name__} actions; CQL-SAC datasets need Box observations "
+                           "and Box or Discrete actions")
     buffers = [_episode_buffer(e, probe.observation_space, probe.action_space) for e in episodes]
     probe.close()
     tmp_root = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=datasets_root()))

@@ -20,6 +20,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from cqlsac.components.checkpoints import atomic_torch_save, load_training_state, read_checkpoint, save_training_state
+from cqlsac.components.collector import EpisodeReturns
 from cqlsac.components.update import Agent
 
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as shells report it
@@ -220,8 +221,8 @@ class OnlineRecord:
     rewrite its whole buffer.
     """
 
-    def __init__(self, data, evals: list):
-        self.data, self.evals = data, evals
+    def __init__(self, data, evals: list, episodes: EpisodeReturns | None = None):
+        self.data, self.evals, self.episodes = data, evals, episodes
         self.chunks: list[str] = []  # file names of the saved rows, in order
         self.saved_rows = 0
 
@@ -235,9 +236,9 @@ class OnlineRecord:
             atomic_torch_save(rows_state(buffer[start:end]), state_path.with_name(name))
             self.chunks.append(name)
             self.saved_rows = end
-        pending = self.data.pending
-        return {"chunks": list(self.chunks), "evals": list(self.evals),
-                "pending": rows_state(torch.cat(pending)) if pending else None}
+        pending = {str(env): rows_state(torch.cat(steps)) for env, steps in self.data.pending.items() if steps}
+        episodes = self.episodes.state_dict() if self.episodes is not None else None
+        return {"chunks": list(self.chunks), "evals": list(self.evals), "pending": pending, "episodes": episodes}
 
     def load_state_dict(self, state: dict, state_path: Path) -> None:
         for name in state["chunks"]:
@@ -247,5 +248,6 @@ class OnlineRecord:
             self.saved_rows += rows.shape[0]
         self.chunks = list(state["chunks"])
         self.evals[:] = state["evals"]
-        if state["pending"] is not None:
-            self.data.pending = [rows_from_state(state["pending"])]
+        self.data.pending = {int(env): [rows_from_state(rows)] for env, rows in state["pending"].items()}
+        if self.episodes is not None:
+            self.episodes.load_state_dict(state["episodes"])
