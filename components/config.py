@@ -8,6 +8,7 @@ Plain dataclasses with a docstring per field, importable without torch, so that 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 ACTIVATIONS = ("relu", "tanh", "elu", "silu")
 
@@ -62,6 +63,9 @@ class LossConfig:
     """N, actions per set (uniform, pi(.|s), pi(.|s')) in the logsumexp."""
     cql_temperature: float = 1.0
     """T, the temperature of the logsumexp."""
+    cql_subtracted: Literal["data_action", "mean_over_actions"] = "data_action"
+    """What the CQL gap subtracts from the logsumexp: Q at the data action (CQL(H) as derived), or, for
+    discrete actions only, the mean of Q over every action (what the seed's code computes)."""
     lagrange: bool = False
     """Lagrange (dual) form: alpha' is tuned so that the gap approaches `lagrange_threshold`."""
     lagrange_threshold: float = 5.0
@@ -75,7 +79,8 @@ class LossConfig:
     initial_alpha: float = 1.0
     """Initial SAC temperature alpha."""
     target_entropy: float | None = None
-    """Target entropy of the automatic temperature; null means -dim(A)."""
+    """Target entropy of the automatic temperature; null means -dim(A) for continuous actions and
+    0.98 log(n) for n discrete ones (docs/loss.md section 7)."""
 
     def __post_init__(self):
         checks = {
@@ -108,6 +113,8 @@ class OptimConfig:
     """Adam learning rate of log alpha' (Lagrange form only)."""
     tau: float = 0.005
     """Polyak rate: target <- (1 - tau) target + tau online, after every update."""
+    critic_grad_clip: float | None = None
+    """Clip the gradient norm of each critic to this before the step (null: no clipping)."""
 
     def __post_init__(self):
         for name in ("actor_lr", "critic_lr", "alpha_lr", "alpha_prime_lr"):
@@ -115,3 +122,5 @@ class OptimConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.tau <= 1:
             raise ValueError(f"tau must be in (0, 1], got {self.tau}")
+        if self.critic_grad_clip is not None and not self.critic_grad_clip > 0:
+            raise ValueError(f"critic_grad_clip must be positive or null, got {self.critic_grad_clip}")

@@ -1,4 +1,5 @@
-"""CQL-SAC loss module: every term of docs/loss.md sections 1-4, in the manner of `torchrl.objectives`.
+"""CQL-SAC loss module: every term of docs/loss.md sections 1-4 (section 7: discrete actions), in the
+manner of `torchrl.objectives`.
 
 Why not `torchrl.objectives.CQLLoss`: in torchrl 0.14.1 it takes the logsumexp over 3 values per
 sampled action instead of over all 3N actions of a state, evaluates the actions drawn at s' at s',
@@ -29,7 +30,7 @@ from torchrl.objectives.utils import ValueEstimators
 from torchrl.objectives.value import TD0Estimator
 
 from cqlsac.components.config import LossConfig
-from cqlsac.components.networks import EnsembleMLP, action_bounds
+from cqlsac.components.networks import EnsembleMLP, action_bounds, is_discrete
 
 LOG_TWO = math.log(2.0)
 HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
@@ -42,12 +43,14 @@ def squash_log_det(pre_tanh: torch.Tensor) -> torch.Tensor:
 
 
 class CQLSACLoss(LossModule):
-    """CQL(H)-SAC loss for a TanhNormal actor and an ensemble of critics with Polyak targets.
+    """CQL(H)-SAC loss for a TanhNormal or a categorical actor and an ensemble of critics with Polyak targets.
 
     Reads `observation`, `action`, `("next", "observation")`, `("next", "reward")`,
     `("next", "done")`, `("next", "terminated")` and, with `calibrated=True`, `mc_return`.
     Writes `loss_actor`, `loss_qvalue`, `loss_alpha` (and `loss_alpha_prime` in the Lagrange form
     with w > 0) plus detached diagnostics; a batch without one of `in_keys` is a `KeyError`.
+    Continuous and discrete actions share every term; where they differ (sampled actions and
+    importance weights against exact sums over the actions), the helpers below branch.
     """
 
     @dataclass
@@ -61,7 +64,7 @@ class CQLSACLoss(LossModule):
 
     default_value_estimator = ValueEstimators.TD0
 
-    def __init__(self, actor: ProbabilisticActor, critic: ValueOperator, cfg: LossConfig):
+    def __init__(self, actor: ProbabilisticActor, critic: ValueOperator, cfg: LossConfig, compile: bool = False):
         super().__init__()
         self.cfg = cfg
         self.actor_network = actor
@@ -69,14 +72,25 @@ class CQLSACLoss(LossModule):
         if not isinstance(critic.module, EnsembleMLP):
             raise TypeError("critic must be a ValueOperator around EnsembleMLP (see make_critics)")
         self.target_critic = copy.deepcopy(critic.module).requires_grad_(False)  # Polyak target
-        low, high = action_bounds(actor.spec["action"])
-        self.register_buffer("action_low", low)
-        self.register_buffer("action_high", high)
-        self.register_buffer("log_half_range", torch.log((high - low) / 2))
-        # Log-density of the uniform distribution on the action box: -log(vol(box)).
-        self.register_buffer("uniform_log_density", -torch.log(high - low).sum())
-        act_dim = low.shape[-1]
-        entropy = -float(act_dim) if cfg.target_entropy is None else cfg.target_entropy
+        action_spec = actor.spec["action"]
+        self.discrete = is_discrete(action_spec)
+        if self.discrete:
+            num_actions = int(action_spec.space.n)
+            # Close to the entropy of the uniform policy, as torchrl's DiscreteSACLoss and discrete SAC
+            # (Christodoulou, 2019) set it; docs/loss.md section 7.
+            entropy = 0.98 * math.log(num_actions)
+        else:
+            if cfg.cql_subtracted != "data_action":
+                raise ValueError(f"cql_subtracted={cfg.cql_subtracted!r} is for discrete actions; continuous CQL "
+                                 "subtracts Q at the data action")
+            low, high = action_bounds(action_spec)
+            self.register_buffer("action_low", low)
+            self.register_buffer("action_high", high)
+            self.register_buffer("log_half_range", torch.log((high - low) / 2))
+            # Log-density of the uniform distribution on the action box: -log(vol(box)).
+            self.register_buffer("uniform_log_density", -torch.log(high - low).sum())
+            entropy = -float(low.shape[-1])
+        entropy = entropy if cfg.target_entropy is None else cfg.target_entropy
         self.register_buffer("target_entropy", torch.tensor(entropy))
         self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.initial_alpha)))
         self.log_alpha_prime = nn.Parameter(torch.tensor(math.log(cfg.initial_alpha_prime)),
@@ -84,6 +98,12 @@ class CQLSACLoss(LossModule):
         # Updates done so far; decides the BC warm start and is saved with the module.
         self.register_buffer("update_count", torch.zeros((), dtype=torch.long))
         self.make_value_estimator(gamma=cfg.gamma)
+        # `compute` through torch.compile: its many small ops fused into a few kernels, forward and
+        # backward (the noise is drawn outside, so the random stream is eager's). The critics then
+        # take the batched-matmul path, which compiles without a graph break.
+        if compile:
+            critic.module.use_onednn = False
+        self._compute = torch.compile(self.compute) if compile else self.compute
 
     @property
     def critic(self) -> EnsembleMLP:
@@ -128,8 +148,9 @@ class CQLSACLoss(LossModule):
                                            terminated=self.tensor_keys.terminated)
 
     # --- policy helpers -------------------------------------------------------------------
-    def policy_params(self, observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loc, scale) of the Gaussian before the tanh squashing."""
+    def policy_outputs(self, observation: torch.Tensor):
+        """What the actor's network gives: (loc, scale) of the Gaussian before the tanh squashing,
+        or the logits of the categorical policy."""
         params_module: TensorDictModule = self.actor_network.module[0]
         return params_module.module(observation)
 
@@ -140,8 +161,11 @@ class CQLSACLoss(LossModule):
         log_prob = -0.5 * noise.pow(2) - scale.log() - HALF_LOG_TWO_PI - squash_log_det(pre_tanh) - self.log_half_range
         return action, log_prob.sum(-1)
 
-    def log_prob_of(self, loc, scale, action):
-        """log pi(action|s) for a given action in the box (used by the BC warm start)."""
+    def log_prob_of(self, policy, action):
+        """log pi(action|s) of given data actions (the BC warm start)."""
+        if self.discrete:
+            return F.log_softmax(policy, -1).gather(-1, action.unsqueeze(-1)).squeeze(-1)
+        loc, scale = policy
         unit = 2 * (action - self.action_low) / (self.action_high - self.action_low) - 1
         pre_tanh = torch.atanh(unit.clamp(-1 + 1e-6, 1 - 1e-6))
         noise = (pre_tanh - loc) / scale
@@ -149,7 +173,10 @@ class CQLSACLoss(LossModule):
         return log_prob.sum(-1)
 
     def draw_noise(self, batch_size: int, device=None) -> dict[str, torch.Tensor]:
-        """All randomness of one loss evaluation, drawn up front so that it can be replayed in tests."""
+        """All randomness of one loss evaluation, drawn up front so that it can be replayed in tests.
+        Discrete actions need none: their expectations are exact sums over the actions."""
+        if self.discrete:
+            return {}
         act_dim = self.action_low.shape[-1]
         n = self.cfg.num_actions
         like = {"device": self.action_low.device if device is None else device, "dtype": self.action_low.dtype}
@@ -165,7 +192,7 @@ class CQLSACLoss(LossModule):
 
     # --- the loss -------------------------------------------------------------------------
     def forward(self, tensordict: TensorDictBase) -> TensorDict:
-        return self.compute(tensordict, self.draw_noise(tensordict.shape[0], tensordict.device))
+        return self._compute(tensordict, self.draw_noise(tensordict.shape[0], tensordict.device))
 
     def compute(self, tensordict: TensorDictBase, noise: dict[str, torch.Tensor]) -> TensorDict:
         """All losses and diagnostics for a batch, given the noise of `draw_noise`."""
@@ -178,36 +205,31 @@ class CQLSACLoss(LossModule):
         next_obs = tensordict.get(("next", keys.observation))
         alpha = self.log_alpha.exp()
 
-        loc_s, scale_s = self.policy_params(obs)
+        policy = self.policy_outputs(obs)
         with torch.no_grad():  # s' only feeds the TD target and the CQL samples: no backward through it
-            loc_next, scale_next = self.policy_params(next_obs)
+            next_policy = self.policy_outputs(next_obs)
+        # Discrete actions: Q(s, .) of every action once, for the critic loss and (detached) for the actor.
+        q_obs = self.critic.evaluate_all(obs) if self.discrete else None
 
-        # Actor and temperature (docs/loss.md section 3). The critic is evaluated with detached weights.
-        action_pi, log_pi = self.squashed_sample(loc_s, scale_s, noise["actor"])
-        detached_w = [w.detach() for w in self.critic.weights]
-        detached_b = [b.detach() for b in self.critic.biases]
-        q_pi = self.critic.evaluate(obs, action_pi.unsqueeze(1), detached_w, detached_b).squeeze(1)
-        policy_objective = q_pi.min(-1).values
+        # Actor and temperature (docs/loss.md section 3). The critics' weights get no gradient from them.
+        log_pi, policy_objective = self._actor_terms(obs, policy, noise, q_obs)
         if cfg.bc_steps:  # a tensor select, not a Python `if` on a tensor: no device sync, capturable in a CUDA graph
-            bc_objective = self.log_prob_of(loc_s, scale_s, data_action)
+            bc_objective = self.log_prob_of(policy, data_action)
             policy_objective = torch.where(self.update_count < cfg.bc_steps, bc_objective, policy_objective)
         loss_actor = (alpha.detach() * log_pi - policy_objective).mean()
         loss_alpha = -(self.log_alpha * (log_pi + self.target_entropy).detach()).mean()
 
         # TD target (docs/loss.md section 1), no gradient.
         with torch.no_grad():
-            next_actions, next_log_pi = self.squashed_sample(loc_next.unsqueeze(1), scale_next.unsqueeze(1), noise["next"])
-            next_q = self.target_critic.evaluate(next_obs, next_actions).min(-1).values  # [B, M]
-            soft_next = next_q - float(cfg.backup_entropy) * alpha * next_log_pi
-            chosen = next_q.argmax(-1, keepdim=True)  # M = 1 without the max-Q backup
-            next_value = soft_next.gather(-1, chosen)  # [B, 1]
+            next_value = self._next_value(next_obs, next_policy, noise, alpha)  # [B, 1]
             td_target = self.value_estimator.value_estimate(tensordict, next_value=next_value)  # [B, 1]
 
         out = {}
         if self.uses_cql:
-            q_data, penalty, gap, out = self._cql(tensordict, obs, data_action, noise, loc_s, scale_s, loc_next, scale_next)
+            q_data, penalty, gap, out = self._cql(tensordict, obs, data_action, noise, policy, next_policy, q_obs)
         else:
-            q_data = self.critic.evaluate(obs, data_action.unsqueeze(1)).squeeze(1)
+            q_data = (self._gather_actions(q_obs, data_action) if self.discrete
+                      else self.critic.evaluate(obs, data_action.unsqueeze(1)).squeeze(1))
             penalty = gap = torch.zeros((), device=obs.device)
         td_loss = (q_data - td_target).pow(2).mean(0)  # [E]
         loss_qvalue = (td_loss + penalty).sum()
@@ -227,35 +249,88 @@ class CQLSACLoss(LossModule):
             batch_size=[],
         )
 
-    def _cql(self, tensordict, obs, data_action, noise, loc_s, scale_s, loc_next, scale_next):
-        """Q at the data actions and the CQL(H) penalty per critic (docs/loss.md sections 2 and 4)."""
+    def _actor_terms(self, obs, policy, noise, q_obs):
+        """(log pi [B], the policy's value [B]) for the actor and temperature losses: at one
+        reparameterised action (the critics evaluated with detached weights), or as exact
+        expectations over the discrete actions (with the detached Q(s, .) of every action)."""
+        if self.discrete:
+            log_probs = F.log_softmax(policy, -1)  # [B, n]
+            probs = log_probs.exp()
+            q_min = q_obs.detach().min(-1).values  # [B, n]
+            return (probs * log_probs).sum(-1), (probs * q_min).sum(-1)
+        detached_w = [w.detach() for w in self.critic.weights]
+        detached_b = [b.detach() for b in self.critic.biases]
+        action_pi, log_pi = self.squashed_sample(*policy, noise["actor"])
+        q_pi = self.critic.evaluate(obs, action_pi.unsqueeze(1), detached_w, detached_b).squeeze(1)
+        return log_pi, q_pi.min(-1).values
+
+    def _next_value(self, next_obs, next_policy, noise, alpha):
+        """min_j Q̄_j(s', a') - beta alpha log pi(a'|s') at a' ~ pi(.|s') (its expectation over the
+        discrete actions), or at the action of the max-Q backup: `[B, 1]`."""
+        beta = float(self.cfg.backup_entropy)
+        if self.discrete:
+            next_log_pi = F.log_softmax(next_policy, -1)  # [B, n]
+            next_q = self.target_critic.evaluate_all(next_obs).min(-1).values  # [B, n]
+            soft_next = next_q - beta * alpha * next_log_pi
+            if self.cfg.max_q_backup:
+                return soft_next.gather(-1, next_q.argmax(-1, keepdim=True))
+            return (next_log_pi.exp() * soft_next).sum(-1, keepdim=True)
+        loc_next, scale_next = next_policy
+        next_actions, next_log_pi = self.squashed_sample(loc_next.unsqueeze(1), scale_next.unsqueeze(1), noise["next"])
+        next_q = self.target_critic.evaluate(next_obs, next_actions).min(-1).values  # [B, M]
+        soft_next = next_q - beta * alpha * next_log_pi
+        chosen = next_q.argmax(-1, keepdim=True)  # M = 1 without the max-Q backup
+        return soft_next.gather(-1, chosen)
+
+    @staticmethod
+    def _gather_actions(q_all, action):
+        """`q_all[b, action[b], e]`: `[B, n, E]` -> `[B, E]`."""
+        index = action.reshape(-1, 1, 1).expand(-1, 1, q_all.shape[-1])
+        return q_all.gather(1, index).squeeze(1)
+
+    def _cql(self, tensordict, obs, data_action, noise, policy, next_policy, q_obs):
+        """Q at the data actions and the CQL(H) penalty per critic (docs/loss.md sections 2, 4 and 7)."""
         cfg = self.cfg
-        with torch.no_grad():
-            current_actions, current_log_pi = self.squashed_sample(
-                loc_s.unsqueeze(1), scale_s.unsqueeze(1), noise["cql_current"])
-            next_actions, next_log_pi = self.squashed_sample(
-                loc_next.unsqueeze(1), scale_next.unsqueeze(1), noise["cql_next"])
-            uniform_actions = self.action_low + (self.action_high - self.action_low) * noise["uniform"]
-        # One ensemble evaluation at s for the data action and all 3N sampled actions.
-        actions = torch.cat([data_action.unsqueeze(1), uniform_actions, current_actions, next_actions], 1)
-        q_all = self.critic.evaluate(obs, actions)  # [B, 3N+1, E]
-        q_data = q_all[:, 0]
-        q_uniform, q_current, q_next = q_all[:, 1:].split(cfg.num_actions, dim=1)  # [B, N, E] each
-        if cfg.calibrated:
-            bound = tensordict.get(self.tensor_keys.mc_return).reshape(-1, 1, 1)
-            q_current = torch.maximum(q_current, bound)
-            q_next = torch.maximum(q_next, bound)
-        weighted = torch.cat([
-            q_uniform - self.uniform_log_density,
-            q_current - current_log_pi.unsqueeze(-1),
-            q_next - next_log_pi.unsqueeze(-1),
-        ], dim=1)  # [B, 3N, E]
+        bound = tensordict.get(self.tensor_keys.mc_return).reshape(-1, 1, 1) if cfg.calibrated else None
+        if self.discrete:
+            # The logsumexp runs over every action, exactly; Cal-QL bounds each of them.
+            q_all = q_obs  # [B, n, E]
+            q_data = self._gather_actions(q_all, data_action)
+            values = q_all if bound is None else torch.maximum(q_all, bound)
+            subtracted = q_data if cfg.cql_subtracted == "data_action" else q_all.mean(1)
+        else:
+            values, q_data = self._importance_weighted_values(obs, data_action, noise, policy, next_policy, bound)
+            subtracted = q_data
         temperature = cfg.cql_temperature
-        lse = temperature * torch.logsumexp(weighted / temperature, dim=1)  # [B, E]
-        gap = (lse - q_data).mean(0)  # [E]
+        lse = temperature * torch.logsumexp(values / temperature, dim=1)  # [B, E]
+        gap = (lse - subtracted).mean(0)  # [E]
         if not cfg.lagrange:
             return q_data, cfg.cql_weight * gap, gap, {}
         alpha_prime = self.log_alpha_prime.exp().clamp(0, ALPHA_PRIME_MAX)
         penalty = alpha_prime.detach() * cfg.cql_weight * (gap - cfg.lagrange_threshold)
         loss_alpha_prime = -(alpha_prime * cfg.cql_weight * (gap.detach() - cfg.lagrange_threshold)).mean()
         return q_data, penalty, gap, {"loss_alpha_prime": loss_alpha_prime, "alpha_prime": alpha_prime.detach()}
+
+    def _importance_weighted_values(self, obs, data_action, noise, policy, next_policy, bound):
+        """The 3N importance-weighted values of each state for the logsumexp `[B, 3N, E]`, and Q at the
+        data actions `[B, E]`, from one ensemble evaluation at s (docs/loss.md section 2)."""
+        n = self.cfg.num_actions
+        with torch.no_grad():
+            (loc_s, scale_s), (loc_next, scale_next) = policy, next_policy
+            current_actions, current_log_pi = self.squashed_sample(
+                loc_s.unsqueeze(1), scale_s.unsqueeze(1), noise["cql_current"])
+            next_actions, next_log_pi = self.squashed_sample(
+                loc_next.unsqueeze(1), scale_next.unsqueeze(1), noise["cql_next"])
+            uniform_actions = self.action_low + (self.action_high - self.action_low) * noise["uniform"]
+        actions = torch.cat([data_action.unsqueeze(1), uniform_actions, current_actions, next_actions], 1)
+        q_all = self.critic.evaluate(obs, actions)  # [B, 3N+1, E]
+        q_uniform, q_current, q_next = q_all[:, 1:].split(n, dim=1)  # [B, N, E] each
+        if bound is not None:
+            q_current = torch.maximum(q_current, bound)
+            q_next = torch.maximum(q_next, bound)
+        weighted = torch.cat([
+            q_uniform - self.uniform_log_density,
+            q_current - current_log_pi.unsqueeze(-1),
+            q_next - next_log_pi.unsqueeze(-1),
+        ], dim=1)
+        return weighted, q_all[:, 0]

@@ -1,8 +1,9 @@
-"""Policy and critic networks as TensorDict modules.
+"""Policy and critic networks as TensorDict modules, for continuous (Box) and discrete actions.
 
-`make_actor` returns a `ProbabilisticActor` over a `TanhNormal`; `make_critics` returns one
-`ValueOperator` wrapping a twin-critic ensemble with stacked parameters, so both critics are
-evaluated in one call (see `EnsembleMLP`) instead of as two separate networks.
+`make_actor` returns a `ProbabilisticActor`: over a `TanhNormal` in the action box, or over a
+`Categorical` for discrete actions. `make_critics` returns one `ValueOperator` wrapping a critic
+ensemble with stacked parameters, so all critics are evaluated in one call (see `EnsembleMLP`):
+Q(s, a) for continuous actions, Q(s, .) over every action for discrete ones.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tensordict.nn import InteractionType, NormalParamExtractor, TensorDictModule
 from torch import nn
-from torchrl.data import Bounded, TensorSpec
+from torchrl.data import Bounded, Categorical, TensorSpec
 from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
 
 from cqlsac.components import onednn_ensemble
@@ -22,25 +23,39 @@ from cqlsac.components.config import NetworkConfig
 ACTIVATION_CLASSES = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "silu": nn.SiLU}
 
 
+def is_discrete(action_spec: TensorSpec) -> bool:
+    """Whether the actions are integers in [0, n) (a gymnasium `Discrete` space)."""
+    return isinstance(action_spec, Categorical)
+
+
 def action_bounds(action_spec: TensorSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Low and high of a bounded action spec, as float tensors."""
     if not isinstance(action_spec, Bounded):
-        raise TypeError(f"CQL-SAC needs a bounded (Box) action space, got {type(action_spec).__name__}")
+        raise TypeError(f"CQL-SAC needs a bounded (Box) or a discrete action space, got {type(action_spec).__name__}")
     return action_spec.space.low.float(), action_spec.space.high.float()
 
 
 def make_actor(observation_spec: TensorSpec, action_spec: TensorSpec, cfg: NetworkConfig) -> ProbabilisticActor:
-    """Squashed Gaussian policy: MLP -> (loc, scale) -> TanhNormal in the action box.
+    """The policy: a squashed Gaussian (MLP -> (loc, scale) -> TanhNormal in the action box), or for
+    discrete actions a categorical one (MLP -> logits -> Categorical).
 
     Samples at random under the default (training) exploration type; under
-    `ExplorationType.DETERMINISTIC` it returns the squashed mean, used for evaluation.
+    `ExplorationType.DETERMINISTIC` it returns the squashed mean, or the most probable action,
+    used for evaluation.
     """
     obs_dim = observation_spec.shape[-1]
+    activation = ACTIVATION_CLASSES[cfg.activation]
+    if is_discrete(action_spec):
+        logits = MLP(in_features=obs_dim, out_features=int(action_spec.space.n), num_cells=list(cfg.actor_hidden),
+                     activation_class=activation)
+        return ProbabilisticActor(TensorDictModule(logits, in_keys=["observation"], out_keys=["logits"]),
+                                  in_keys=["logits"], spec=action_spec, distribution_class=torch.distributions.Categorical,
+                                  return_log_prob=False, default_interaction_type=InteractionType.RANDOM)
     act_dim = action_spec.shape[-1]
     low, high = action_bounds(action_spec)
     net = nn.Sequential(
         MLP(in_features=obs_dim, out_features=2 * act_dim, num_cells=list(cfg.actor_hidden),
-            activation_class=ACTIVATION_CLASSES[cfg.activation]),
+            activation_class=activation),
         NormalParamExtractor(scale_mapping="biased_softplus_1.0", scale_lb=cfg.scale_lb),
     )
     params = TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"])
@@ -56,24 +71,26 @@ def make_actor(observation_spec: TensorSpec, action_spec: TensorSpec, cfg: Netwo
 
 
 class EnsembleMLP(nn.Module):
-    """`num_members` independent MLPs Q(s, a) whose weights are stacked along a leading dim.
+    """`num_members` independent MLPs whose weights are stacked along a leading dim: critics Q(s, a)
+    of continuous actions (`act_dim` inputs for the action, one output), or Q(s, .) of every one of
+    `num_discrete` actions (`act_dim = 0`, one output per action).
 
     Weights are `[num_members, fan_in, fan_out]`, biases `[num_members, 1, fan_out]`. All members
-    are evaluated in one call on the same (s, a) rows: on CPU in float32 with ReLU through oneDNN
-    (`onednn_ensemble`, ~2x faster matmuls here; `use_onednn = False` turns it off), otherwise, and
-    with `layer_norm` (normalisation without affine parameters before each hidden activation), one
-    batched matmul per hidden layer. Output: `[*batch, num_members]`.
+    are evaluated in one call on the same rows: on CPU in float32 with ReLU and one output through
+    oneDNN (`onednn_ensemble`; `use_onednn = False` turns it off), otherwise, and with `layer_norm`
+    (normalisation without affine parameters before each hidden activation), one batched matmul
+    per layer (docs/performance.md: which is faster where).
     """
 
     use_onednn: bool = True
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...], num_members: int,
-                 activation: type[nn.Module] = nn.ReLU, layer_norm: bool = False):
+                 activation: type[nn.Module] = nn.ReLU, layer_norm: bool = False, num_discrete: int | None = None):
         super().__init__()
         self.num_members = num_members
         self.layer_norm = layer_norm
         self.obs_dim = obs_dim
-        sizes = [obs_dim + act_dim, *hidden, 1]
+        sizes = [obs_dim + act_dim, *hidden, num_discrete or 1]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
@@ -88,12 +105,14 @@ class EnsembleMLP(nn.Module):
         # ReLU's backward reads its output, not its input, so it may overwrite the matmul's output.
         self.activation = activation(inplace=True) if activation is nn.ReLU else activation()
 
-    def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """Q of every member for matching leading dims of `observation` and `action`."""
+    def forward(self, observation: torch.Tensor, action: torch.Tensor | None = None) -> torch.Tensor:
+        """Q of every member: `[*B, E]` at the given continuous actions, `[*B, n, E]` over all discrete ones."""
+        if action is None:
+            return self.evaluate_all(observation)
         return self.evaluate(observation, action.unsqueeze(-2)).squeeze(-2)
 
     def evaluate(self, observation: torch.Tensor, actions: torch.Tensor, weights=None, biases=None) -> torch.Tensor:
-        """Q of every member for K actions per state.
+        """Q of every member for K continuous actions per state.
 
         observation `[*B, obs_dim]`, actions `[*B, K, act_dim]` -> `[*B, K, num_members]`.
         `weights`/`biases` replace the module's parameters (e.g. detached ones for the actor loss).
@@ -109,20 +128,40 @@ class EnsembleMLP(nn.Module):
                 and onednn_ensemble.available_for(rows, weights, self.activation)):
             q = onednn_ensemble.ensemble_q(rows, weights, biases)  # [E, S*K]
         else:
-            hidden = rows.expand(self.num_members, -1, -1)  # [E, S*K, obs+act], a view
-            for w, b in zip(weights[:-1], biases[:-1]):
-                hidden = torch.baddbmm(b, hidden, w)
-                if self.layer_norm:
-                    hidden = F.layer_norm(hidden, hidden.shape[-1:])
-                hidden = self.activation(hidden)
+            hidden = self.hidden(rows, weights, biases)
             # The `fan_in -> 1` output layer as a dot product per row: faster than a batched
             # matrix-vector matmul here, forward and backward.
             q = torch.linalg.vecdot(hidden, weights[-1].transpose(-1, -2)) + biases[-1].squeeze(-1)  # [E, S*K]
         return q.movedim(0, -1).reshape(*batch_shape, num_actions, self.num_members)
 
+    def evaluate_all(self, observation: torch.Tensor, weights=None, biases=None) -> torch.Tensor:
+        """Q of every member for every discrete action: observation `[*B, obs_dim]` -> `[*B, n, num_members]`."""
+        weights = list(self.weights) if weights is None else weights
+        biases = list(self.biases) if biases is None else biases
+        batch_shape = observation.shape[:-1]
+        hidden = self.hidden(observation.reshape(-1, self.obs_dim), weights, biases)
+        q = torch.baddbmm(biases[-1], hidden, weights[-1])  # [E, S, n]
+        return q.permute(1, 2, 0).reshape(*batch_shape, q.shape[-1], self.num_members)
+
+    def hidden(self, rows: torch.Tensor, weights, biases) -> torch.Tensor:
+        """The last hidden layer of every member on shared rows `[R, in]`: `[E, R, hidden]`, by batched matmuls."""
+        hidden = rows.expand(self.num_members, -1, -1)  # [E, R, in], a view
+        for w, b in zip(weights[:-1], biases[:-1]):
+            hidden = torch.baddbmm(b, hidden, w)
+            if self.layer_norm:
+                hidden = F.layer_norm(hidden, hidden.shape[-1:])
+            hidden = self.activation(hidden)
+        return hidden
+
 
 def make_critics(observation_spec: TensorSpec, action_spec: TensorSpec, cfg: NetworkConfig) -> ValueOperator:
-    """Twin critics as one ensemble `ValueOperator`: writes `state_action_value` of shape `[*B, E]`."""
+    """The critic ensemble as one `ValueOperator`: writes `state_action_value` `[*B, E]` (continuous
+    actions) or `action_value` `[*B, n, E]` (discrete actions, Q of every action)."""
+    activation = ACTIVATION_CLASSES[cfg.activation]
+    if is_discrete(action_spec):
+        ensemble = EnsembleMLP(observation_spec.shape[-1], 0, cfg.critic_hidden, cfg.num_critics, activation,
+                               cfg.critic_layer_norm, num_discrete=int(action_spec.space.n))
+        return ValueOperator(ensemble, in_keys=["observation"], out_keys=["action_value"])
     ensemble = EnsembleMLP(observation_spec.shape[-1], action_spec.shape[-1], cfg.critic_hidden,
-                           cfg.num_critics, ACTIVATION_CLASSES[cfg.activation], cfg.critic_layer_norm)
+                           cfg.num_critics, activation, cfg.critic_layer_norm)
     return ValueOperator(ensemble, in_keys=["observation", "action"], out_keys=["state_action_value"])

@@ -39,16 +39,30 @@ def polyak_update(target: torch.nn.Module, source: torch.nn.Module, tau: float) 
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
-def update_step(loss: CQLSACLoss, optimizer: torch.optim.Optimizer, batch: TensorDictBase, tau: float) -> TensorDict:
+def clip_grad_norm_per_member(ensemble: torch.nn.Module, max_norm: float) -> None:
+    """Scale each ensemble member's gradient to norm at most `max_norm`, as `clip_grad_norm_` on that
+    critic alone would (its parameters are slices along the leading dim of the stacked ones)."""
+    grads = [p.grad for p in ensemble.parameters() if p.grad is not None]
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()  # [E]
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.view(-1, *[1] * (g.ndim - 1)))
+
+
+def update_step(loss: CQLSACLoss, optimizer: torch.optim.Optimizer, batch: TensorDictBase, tau: float,
+                critic_grad_clip: float | None = None) -> TensorDict:
     """One gradient update of actor, critics, temperature (and alpha'); returns the loss TensorDict.
 
     The losses are summed and back-propagated once: each one reaches only its own parameters
-    (see `CQLSACLoss`), so this equals separate backward passes per loss.
+    (see `CQLSACLoss`), so this equals separate backward passes per loss. With `critic_grad_clip`,
+    each critic's gradient norm is clipped before the step.
     """
     losses = loss(batch)
     total = sum(value for key, value in losses.items() if key.startswith("loss_"))
     optimizer.zero_grad(set_to_none=True)
     total.backward()
+    if critic_grad_clip is not None:
+        clip_grad_norm_per_member(loss.critic, critic_grad_clip)
     optimizer.step()
     polyak_update(loss.target_critic, loss.critic, tau)
     loss.update_count += 1
@@ -58,11 +72,12 @@ def update_step(loss: CQLSACLoss, optimizer: torch.optim.Optimizer, batch: Tenso
 @dataclass
 class Agent:
     """What a training loop updates: the loss module (actor, critics, targets, temperatures), its
-    optimiser and the Polyak rate of the target critics."""
+    optimiser, the Polyak rate of the target critics and the critics' gradient clipping."""
 
     loss: CQLSACLoss
     optimizer: torch.optim.Optimizer
     tau: float
+    critic_grad_clip: float | None = None
 
     @property
     def actor(self):
@@ -70,14 +85,17 @@ class Agent:
 
     def update(self, batch: TensorDictBase) -> TensorDict:
         """One `update_step` on `batch`; returns the detached losses and diagnostics."""
-        return update_step(self.loss, self.optimizer, batch, self.tau)
+        return update_step(self.loss, self.optimizer, batch, self.tau, self.critic_grad_clip)
 
 
-def make_agent(env: EnvBase, network: NetworkConfig, loss: LossConfig, optim: OptimConfig) -> Agent:
-    """A fresh agent for `env`'s observation and action specs: actor, critics, loss module, Adam."""
+def make_agent(env: EnvBase, network: NetworkConfig, loss: LossConfig, optim: OptimConfig,
+               compile: bool = False) -> Agent:
+    """A fresh agent for `env`'s observation and action specs: actor, critics, loss module, Adam
+    (with `compile`, the loss runs through torch.compile, see `CQLSACLoss`)."""
     obs_spec, act_spec = env.observation_spec["observation"], env.action_spec
-    module = CQLSACLoss(make_actor(obs_spec, act_spec, network), make_critics(obs_spec, act_spec, network), loss)
-    return Agent(module, make_optimizer(module, optim), optim.tau)
+    module = CQLSACLoss(make_actor(obs_spec, act_spec, network), make_critics(obs_spec, act_spec, network), loss,
+                        compile=compile)
+    return Agent(module, make_optimizer(module, optim), optim.tau, optim.critic_grad_clip)
 
 
 def cuda_graph_update(loss: CQLSACLoss, optimizer: torch.optim.Optimizer, tau: float,

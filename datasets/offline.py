@@ -26,7 +26,7 @@ import torch
 from gymnasium.envs.registration import EnvSpec
 from minari.dataset.minari_storage import MinariStorage
 from tensordict import TensorDict
-from torchrl.data import Bounded, RandomSampler, ReplayBuffer, TensorStorage
+from torchrl.data import Bounded, Categorical, RandomSampler, ReplayBuffer, TensorStorage
 from torchrl.envs import EnvBase
 from tqdm import tqdm
 
@@ -43,7 +43,7 @@ class DatasetInfo:
 
     dataset_id: str
     observation_space: gym.spaces.Box
-    action_space: gym.spaces.Box
+    action_space: gym.spaces.Box | gym.spaces.Discrete
     env_spec: EnvSpec | None
     num_episodes: int
     num_transitions: int
@@ -74,12 +74,19 @@ def dataset_files_digest(dataset_id: str) -> str:
     return files_digest(Path(open_dataset(dataset_id).spec.data_path))
 
 
-def _box_spaces(dataset: minari.MinariDataset) -> tuple[gym.spaces.Box, gym.spaces.Box]:
-    for name, space in (("observation", dataset.observation_space), ("action", dataset.action_space)):
-        if not isinstance(space, gym.spaces.Box):
-            raise DatasetError(f"dataset {dataset.id!r} has a {type(space).__name__} {name} space; "
-                               "CQL-SAC needs Box observations and actions")
-    return dataset.observation_space, dataset.action_space
+def _spaces(dataset: minari.MinariDataset) -> tuple[gym.spaces.Box, gym.spaces.Box | gym.spaces.Discrete]:
+    """The dataset's observation space (a Box) and action space (a Box or Discrete)."""
+    obs_space, act_space = dataset.observation_space, dataset.action_space
+    if not isinstance(obs_space, gym.spaces.Box) or not isinstance(act_space, (gym.spaces.Box, gym.spaces.Discrete)):
+        raise DatasetError(f"dataset {dataset.id!r} has {type(obs_space).__name__} observations and "
+                           f"{type(act_space).__name__} actions; CQL-SAC needs Box observations and Box or "
+                           "Discrete actions")
+    return obs_space, act_space
+
+
+def _action_dtype(space: gym.Space) -> tuple[torch.dtype, np.dtype]:
+    """Discrete actions are integers, continuous ones float32."""
+    return (torch.int64, np.int64) if isinstance(space, gym.spaces.Discrete) else (torch.float32, np.float32)
 
 
 def _episodes(dataset: minari.MinariDataset) -> Iterator[minari.EpisodeData]:
@@ -95,13 +102,13 @@ def _episodes(dataset: minari.MinariDataset) -> Iterator[minari.EpisodeData]:
         yield episode
 
 
-def _empty_layout(n: int, obs_shape: tuple[int, ...], act_shape: tuple[int, ...]) -> TensorDict:
+def _empty_layout(n: int, obs_shape: tuple[int, ...], act_space: gym.Space) -> TensorDict:
     """The transition layout on the meta device: shapes and dtypes only, no memory."""
     def empty(*shape, dtype=torch.float32):
         return torch.empty(n, *shape, dtype=dtype, device="meta")
 
     return TensorDict({
-        "observation": empty(*obs_shape), "action": empty(*act_shape),
+        "observation": empty(*obs_shape), "action": empty(*act_space.shape, dtype=_action_dtype(act_space)[0]),
         "episode": empty(dtype=torch.int64), "mc_return": empty(1),
         "next": {"observation": empty(*obs_shape), "reward": empty(1), "terminated": empty(1, dtype=torch.bool),
                  "truncated": empty(1, dtype=torch.bool), "done": empty(1, dtype=torch.bool)},
@@ -110,7 +117,7 @@ def _empty_layout(n: int, obs_shape: tuple[int, ...], act_shape: tuple[int, ...]
 
 def _build_cache(dataset: minari.MinariDataset, gamma: float, final: Path) -> None:
     """Write the transitions of `dataset` to `final`, atomically (built in a hidden folder, then renamed)."""
-    obs_space, act_space = _box_spaces(dataset)
+    obs_space, act_space = _spaces(dataset)
     n = dataset.total_steps
     data_path = Path(dataset.spec.data_path)
     if n == 0:
@@ -118,7 +125,7 @@ def _build_cache(dataset: minari.MinariDataset, gamma: float, final: Path) -> No
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
     try:
-        out = _empty_layout(n, obs_space.shape, act_space.shape).memmap_like(prefix=tmp)
+        out = _empty_layout(n, obs_space.shape, act_space).memmap_like(prefix=tmp)
         start, returns = 0, []
         for episode in tqdm(_episodes(dataset), total=dataset.total_episodes, desc=f"caching {dataset.id}",
                             unit="episode", disable=None):
@@ -131,7 +138,7 @@ def _build_cache(dataset: minari.MinariDataset, gamma: float, final: Path) -> No
             truncated = torch.as_tensor(np.asarray(episode.truncations, dtype=bool)).unsqueeze(-1)
             out[start:start + t] = TensorDict({
                 "observation": torch.as_tensor(obs[:-1]),
-                "action": torch.as_tensor(np.asarray(episode.actions, dtype=np.float32)),
+                "action": torch.as_tensor(np.asarray(episode.actions, dtype=_action_dtype(act_space)[1])),
                 "episode": torch.full((t,), int(episode.id), dtype=torch.int64),
                 "mc_return": torch.as_tensor(discounted_returns(episode.rewards, gamma),
                                              dtype=torch.float32).unsqueeze(-1),
@@ -182,10 +189,11 @@ def load_transitions(dataset_id: str, gamma: float = 0.99, download: bool = Fals
 
     Keys: `observation`, `action`, `("next", k)` for observation, reward [N, 1], terminated,
     truncated, done [N, 1] (bool), `mc_return` [N, 1] (discounted return-to-go with `gamma`),
-    `episode` [N] (Minari's episode id). Observations, actions, rewards are float32.
+    `episode` [N] (Minari's episode id). Observations, rewards and continuous actions are float32;
+    discrete actions are int64 `[N]`.
     """
     dataset = open_dataset(dataset_id, download=download)
-    obs_space, act_space = _box_spaces(dataset)
+    obs_space, act_space = _spaces(dataset)
     data_path = Path(dataset.spec.data_path)
     key = hashlib.sha256(f"{CACHE_FORMAT}|{files_digest(data_path)}|{float(gamma)!r}".encode()).hexdigest()[:20]
     final = Path(cache_dir or default_cache_dir()) / "offline" / dataset_id / key
@@ -219,35 +227,46 @@ def load_offline_replay(dataset_id: str, batch_size: int | None, gamma: float = 
     return replay, info
 
 
-def _bounds(spec) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(spec, Bounded):
-        return spec.space.low.float(), spec.space.high.float()
-    inf = torch.full(spec.shape, math.inf)
-    return -inf, inf
-
-
-def _describe_box(low, high, shape) -> str:
+def _describe(space: gym.Space) -> str:
+    if isinstance(space, gym.spaces.Discrete):
+        return f"Discrete({space.n})"
     def fmt(values):
         return np.array2string(np.asarray(values).ravel(), precision=3, threshold=8, max_line_width=10**6)
-    return f"shape {tuple(shape)}, low {fmt(low)}, high {fmt(high)}"
+    return f"shape {tuple(space.shape)}, low {fmt(space.low)}, high {fmt(space.high)}"
+
+
+def _space_of(spec, batch_dims: int) -> gym.Space:
+    """The gymnasium space of one env's TorchRL spec (the first env of a batch)."""
+    if isinstance(spec, Categorical):
+        return gym.spaces.Discrete(int(spec.space.n))
+    shape = tuple(spec.shape[batch_dims:])
+    if isinstance(spec, Bounded):
+        low, high = (bound[(0,) * batch_dims].float().numpy() for bound in (spec.space.low, spec.space.high))
+    else:
+        low, high = np.full(shape, -np.inf, np.float32), np.full(shape, np.inf, np.float32)
+    return gym.spaces.Box(low, high, shape, np.float32)
+
+
+def _same_space(dataset_space: gym.Space, env_space: gym.Space) -> bool:
+    if isinstance(dataset_space, gym.spaces.Discrete) or isinstance(env_space, gym.spaces.Discrete):
+        return (isinstance(dataset_space, gym.spaces.Discrete) and isinstance(env_space, gym.spaces.Discrete)
+                and dataset_space.n == env_space.n)
+    return dataset_space.shape == env_space.shape and all(
+        torch.equal(torch.as_tensor(ref, dtype=torch.float32), torch.as_tensor(got, dtype=torch.float32))
+        for ref, got in ((dataset_space.low, env_space.low), (dataset_space.high, env_space.high)))
 
 
 def check_spaces(info: DatasetInfo, env: EnvBase) -> None:
-    """Raise `DatasetError` unless the dataset's observation and action boxes match the env's specs."""
+    """Raise `DatasetError` unless the dataset's observation and action spaces match the env's specs."""
     batch_dims = len(env.batch_size)
     for name, space, spec in (("observation", info.observation_space, env.observation_spec["observation"]),
                               ("action", info.action_space, env.action_spec)):
-        low, high = (bound[(0,) * batch_dims] for bound in _bounds(spec))
-        shape = tuple(spec.shape[batch_dims:])
-        if shape == tuple(space.shape) and all(
-                torch.equal(torch.as_tensor(ref, dtype=torch.float32), got)
-                for ref, got in ((space.low, low), (space.high, high))):
-            continue
-        raise DatasetError(
-            f"dataset {info.dataset_id!r} does not fit the env: its {name} space is "
-            f"{_describe_box(space.low, space.high, space.shape)} but the env's is "
-            f"{_describe_box(low.numpy(), high.numpy(), shape)}; "
-            f"use the env the dataset was recorded on ({info.env_id}) or a dataset of this env")
+        env_space = _space_of(spec, batch_dims)
+        if not _same_space(space, env_space):
+            raise DatasetError(
+                f"dataset {info.dataset_id!r} does not fit the env: its {name} space is {_describe(space)} but the "
+                f"env's is {_describe(env_space)}; use the env the dataset was recorded on ({info.env_id}) or a "
+                "dataset of this env")
 
 
 def normalized(raw_return: float, ref_min_score: float, ref_max_score: float) -> float:

@@ -263,12 +263,12 @@ def test_terminated_does_not_bootstrap_and_truncated_does():
 def test_policy_log_density_equals_torchrl_tanh_normal():
     loss = build_loss()
     obs = make_batch()["observation"]
-    loc, scale = loss.policy_params(obs)
+    loc, scale = loss.policy_outputs(obs)
     noise = 0.5 * torch.randn_like(loc)
     action, log_prob = loss.squashed_sample(loc, scale, noise)
     dist = TanhNormal(loc, scale, low=LOW.double(), high=HIGH.double())
     torch.testing.assert_close(log_prob, dist.log_prob(action), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(loss.log_prob_of(loc, scale, action), log_prob, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss.log_prob_of((loc, scale), action), log_prob, rtol=1e-6, atol=1e-6)
 
 
 # ---- the three torchrl CQLLoss defects do not occur here ------------------------------------
@@ -276,8 +276,8 @@ def per_action_logsumexp_gap(loss, batch, noise):
     """torchrl 0.14.1's reading: logsumexp over the 3 sets for each sampled action, then the mean."""
     critics = loss.critic
     obs = batch["observation"]
-    loc, scale = loss.policy_params(obs)
-    loc_n, scale_n = loss.policy_params(batch["next", "observation"])
+    loc, scale = loss.policy_outputs(obs)
+    loc_n, scale_n = loss.policy_outputs(batch["next", "observation"])
     a_cur, lp_cur = loss.squashed_sample(loc.unsqueeze(1), scale.unsqueeze(1), noise["cql_current"])
     a_nxt, lp_nxt = loss.squashed_sample(loc_n.unsqueeze(1), scale_n.unsqueeze(1), noise["cql_next"])
     u = loss.action_low + (loss.action_high - loss.action_low) * noise["uniform"]
@@ -311,9 +311,9 @@ def test_next_state_actions_are_evaluated_at_the_current_state():
     # Same computation, but with Q(s', a'_k): must differ from what the module gives.
     critics = loss.critic
     obs, next_obs = batch["observation"], batch["next", "observation"]
-    loc_n, scale_n = loss.policy_params(next_obs)
+    loc_n, scale_n = loss.policy_outputs(next_obs)
     a_nxt, lp_nxt = loss.squashed_sample(loc_n.unsqueeze(1), scale_n.unsqueeze(1), noise["cql_next"])
-    loc, scale = loss.policy_params(obs)
+    loc, scale = loss.policy_outputs(obs)
     a_cur, lp_cur = loss.squashed_sample(loc.unsqueeze(1), scale.unsqueeze(1), noise["cql_current"])
     u = loss.action_low + (loss.action_high - loss.action_low) * noise["uniform"]
     values = torch.cat([critics.evaluate(obs, u) - loss.uniform_log_density,
