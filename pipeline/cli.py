@@ -98,11 +98,51 @@ def eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def sweep_command(args: argparse.Namespace) -> int:
+    """Run a sweep; the sweep directory is the last line printed. Ctrl-C stops it (exit 130); run it
+    again with --resume to carry on."""
+    from cqlsac.pipeline.sweep import Sweep
+
+    execution = {"workers": args.workers, "backend": args.backend, "address": args.address, "threads": args.threads}
+    if args.resume is not None:
+        if args.config is not None or args.assignments or args.spec is not None:
+            raise ConfigError("--resume takes no config, values or --spec: the sweep continues with its own sweep.json")
+        sweep = Sweep.resumed(args.resume, **execution)
+    elif args.spec is not None:
+        if args.config is not None or args.assignments:
+            raise ConfigError("--spec takes no config or values on the command line: the file lists them")
+        sweep = Sweep.from_yaml(args.spec, **execution)
+    else:
+        sweep = Sweep.from_args(args.config, args.seeds, args.assignments, **execution)
+    try:
+        record = sweep.run()
+    except KeyboardInterrupt:
+        print(f"cqlsac sweep: stopped; finished runs are kept; resume with `cqlsac sweep --resume {sweep.sweep_dir}`",
+              file=sys.stderr)
+        return 130
+    failed = [run for run in record["runs"] if run["status"] != "finished"]
+    print(f"report: {Path(sweep.sweep_dir) / 'report.md'}")
+    print(sweep.sweep_dir)
+    return 1 if failed else 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    """Regenerate the report of one or more sweeps from their directories."""
+    from cqlsac.pipeline import sweep_report
+
+    for sweep_dir in args.sweep_dirs:
+        print(sweep_report.write(Path(sweep_dir)))
+    if args.results is not None:
+        sweep_report.write_results([Path(d) for d in args.sweep_dirs], Path(args.results))
+        print(args.results)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cqlsac", description="Offline-to-online RL with CQL-SAC on TorchRL: pretrain SAC, record a Minari "
                                    "dataset, train CQL-SAC offline, fine-tune online, evaluate.")
-    commands = parser.add_subparsers(dest="command", metavar="{run,config,eval,datasets}")
+    commands = parser.add_subparsers(dest="command", metavar="{run,sweep,report,config,eval,datasets}")
     run = commands.add_parser(
         "run", help="run the pipeline (pretrain, dataset, offline, finetune, baseline, evaluate)",
         description="Run the pipeline, reusing finished stages from the cache. `cqlsac config` lists every key "
@@ -112,6 +152,29 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue an interrupted run from its last checkpoints (finished stages are reused)")
     run.set_defaults(handler=run_command)
+    sweep = commands.add_parser(
+        "sweep", help="run a pipeline over seeds and settings, with confidence intervals",
+        description="Every combination of the listed values (key=v1,v2 makes an axis, key=v fixes a value) over "
+                    "the seeds; each run is a normal pipeline run sharing the stage cache. The sweep directory "
+                    "(sweep.json, runs/, report.md, curves.png) is the last line printed.",
+        epilog="example: cqlsac sweep --seeds 0-9 finetune.mixing=fixed,annealed --workers 2")
+    sweep.add_argument("config", nargs="?", help=CONFIG_HELP)
+    sweep.add_argument("assignments", nargs="*", metavar="key=v[,v...]")
+    sweep.add_argument("--seeds", default="0", help="seeds, e.g. 0-9 or 0,3,5 (default 0)")
+    sweep.add_argument("--spec", metavar="YAML", help="a sweep file with config, seeds, axes, overrides and title")
+    sweep.add_argument("--workers", type=positive_int, default=1, help="runs at once (default 1)")
+    sweep.add_argument("--threads", type=positive_int, help="torch threads per run (default: the cores over the workers)")
+    sweep.add_argument("--backend", choices=("local", "ray"), default="local",
+                       help="worker processes here, or Ray tasks (pip install -e '.[ray]')")
+    sweep.add_argument("--address", help="a Ray cluster's address (default: start a local Ray instance)")
+    sweep.add_argument("--resume", metavar="SWEEP_DIR", help="carry on a stopped sweep: finished runs are kept")
+    sweep.set_defaults(handler=sweep_command)
+    report = commands.add_parser("report", help="regenerate the report of sweeps from their directories",
+                                 description="Write report.md and curves.png of each sweep again from its sweep.json; "
+                                             "with --results, one page holding a generated section per sweep.")
+    report.add_argument("sweep_dirs", nargs="+", metavar="SWEEP_DIR")
+    report.add_argument("--results", metavar="FILE", help="also write this results page (e.g. docs/results.md)")
+    report.set_defaults(handler=report_command)
     config = commands.add_parser("config", help="print the resolved config with every key documented",
                                  description="Print the config that `cqlsac run` with the same arguments would run, "
                                              "each key with its documentation.")
@@ -135,12 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value given after an option (`cqlsac sweep smoke --seeds 0-9 a=1,2`) lands here: it is an override.
+    target = {"run": "overrides", "config": "overrides", "sweep": "assignments"}.get(args.command)
+    if extra and (target is None or any(item.startswith("-") or "=" not in item for item in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        getattr(args, target).extend(extra)
     if args.command is None:
         parser.print_help()
         return 0
     if args.command in ("run", "config"):
         split_config(args)
+    if args.command == "sweep" and args.config is not None and "=" in args.config:
+        args.assignments.insert(0, args.config)
+        args.config = None
     try:
         return args.handler(args)
     except UserError as exc:

@@ -69,6 +69,9 @@ class OnlineConfig:
     """Frames of uniform random actions at the start; SAC makes no update before they are in."""
     frames_per_batch: int = 100
     """Frames per collector batch; updates and evaluations happen between batches."""
+    num_envs: int = 1
+    """Environments the collector steps together, one policy call for all (frames_per_batch must be a
+    multiple); the updates per collected frame stay `utd_ratio` whatever their number."""
     utd_ratio: float = 1.0
     """Updates per collected frame."""
     batch_size: int = 256
@@ -82,7 +85,7 @@ class OnlineConfig:
 
     def __post_init__(self):
         section = self.section
-        check_numbers(self, section, positive=("utd_ratio", "batch_size", "eval_episodes"),
+        check_numbers(self, section, positive=("utd_ratio", "batch_size", "eval_episodes", "num_envs"),
                       non_negative=("init_random_frames",))
         for name in ("frames_per_batch", "eval_every", "frames"):
             if getattr(self, name) < 1:
@@ -95,6 +98,9 @@ class OnlineConfig:
             if getattr(self, name) % self.frames_per_batch:
                 raise ConfigError(f"{section}.{name} ({getattr(self, name)}) must be a multiple of "
                                   f"{section}.frames_per_batch ({self.frames_per_batch}): {why}")
+        if self.frames_per_batch % self.num_envs:
+            raise ConfigError(f"{section}.frames_per_batch ({self.frames_per_batch}) must be a multiple of "
+                              f"{section}.num_envs ({self.num_envs}): each batch holds the same steps of every env")
 
 
 def sac_optim() -> OptimConfig:
@@ -132,7 +138,8 @@ class DatasetConfig:
     name: str | None = None
     """Id of a local Minari dataset to train on; it replaces the pretrain and dataset stages."""
     preset: str = "medium"
-    """D4RL preset of the generated dataset: random, medium, expert, medium-replay or medium-expert."""
+    """Preset of the generated dataset: D4RL's random, medium, expert, medium-replay or medium-expert, or
+    final (the last pretraining checkpoint, as the seed recorded its data)."""
     steps: int = 10000
     """Environment steps in the generated dataset."""
     medium_level: float = 1 / 3
@@ -182,6 +189,10 @@ class FinetuneConfig(OnlineConfig):
     section: ClassVar[str] = "finetune"
 
     optim: OptimConfig = field(default_factory=cql_optim)
+    start: Literal["offline", "scratch"] = "offline"
+    """Where fine-tuning starts: the offline agent, or a fresh agent trained from the first step on
+    the offline data and its own, with no offline-only phase (the seed's recipe, with mixing=merged,
+    cql_weight=null and init_random_frames=1000)."""
     mixing: Literal["fixed", "annealed", "merged"] = "fixed"
     """How batches mix offline and online rows: a fixed share, a share annealed linearly, or one
     uniform draw from the union of both."""
@@ -226,6 +237,10 @@ class EvaluateConfig:
     """Episodes of the deterministic final policy."""
     seed: int = 10_000
     """Env seed of the first evaluation episode (episode i uses seed + i), in every stage."""
+    sample_actions: bool = False
+    """Sample the final evaluation's actions from the policy instead of taking its deterministic action
+    (the seed's protocol); with 100 episodes or more the report also gives the lowest mean of 100
+    consecutive episodes."""
 
     def __post_init__(self):
         check_numbers(self, "evaluate", positive=("episodes",))
@@ -284,6 +299,9 @@ class PipelineConfig:
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
     q_value_bound: float = 1e4
     """A mean Q-value beyond +-this is reported once as a warning (critics diverging); training goes on."""
+    compile: bool = False
+    """Run every loss through torch.compile: faster updates at small networks after a one-off compile
+    (cached on disk), the same computation up to float rounding (docs/performance.md)."""
 
     def __post_init__(self):
         if not self.stages:

@@ -9,6 +9,7 @@ from tensordict import TensorDictBase
 from torchrl.collectors import Collector
 from tqdm.auto import tqdm
 
+from cqlsac.components.collector import EpisodeReturns
 from cqlsac.components.update import Agent
 from cqlsac.pipeline.config import OnlineConfig
 from cqlsac.pipeline.supervision import Supervisor, stop_requested
@@ -40,9 +41,10 @@ def train_offline(agent: Agent, sample: Callable[[], TensorDictBase], *, updates
 
 def train_online(agent: Agent, data: OnlineData, collector_after: Callable[[int], Collector], *,
                  schedule: OnlineConfig, evaluate: Callable[[], float], log: MetricsLog, supervisor: Supervisor,
-                 desc: str) -> Iterator[tuple[int, float]]:
+                 desc: str, episodes: EpisodeReturns | None = None) -> Iterator[tuple[int, float]]:
     """Collect into `data`, update `schedule.utd_ratio` times per new frame once `data` is ready,
     evaluate every `schedule.eval_every` frames; yields `(frames, mean return)` at each evaluation.
+    `episodes` records the returns of the training episodes.
 
     `collector_after(frames)` makes a collector for the frames still to collect after `frames` (a
     resumed stage cannot restore the env, so it carries on with a fresh collector). What the
@@ -82,6 +84,8 @@ def train_online(agent: Agent, data: OnlineData, collector_after: Callable[[int]
             frames += batch.numel()
             bar.update(batch.numel())
             data.add(batch)
+            if episodes is not None:
+                episodes.add(batch, frames)
             if data.ready(frames):
                 owed_updates += schedule.utd_ratio * batch.numel()
             yield from settle()

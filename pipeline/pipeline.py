@@ -18,6 +18,7 @@ import gymnasium as gym
 import torch
 from tensordict import TensorDictBase
 from torchrl.collectors import Collector
+from torchrl.envs.utils import ExplorationType
 
 from cqlsac.components.allocator import keep_freed_memory
 from cqlsac.components.checkpoints import atomic_write, save_policy
@@ -25,7 +26,7 @@ from cqlsac.components.collector import make_collector
 from cqlsac.components.config import LossConfig, NetworkConfig, OptimConfig
 from cqlsac.components.envs import make_env
 from cqlsac.components.evaluation import evaluate_policy
-from cqlsac.components.networks import action_bounds
+from cqlsac.components.networks import action_bounds, is_discrete
 from cqlsac.components.update import Agent, make_agent
 from cqlsac.datasets import check_spaces, load_offline_replay
 from cqlsac.pipeline import report
@@ -38,7 +39,7 @@ from cqlsac.pipeline.cache import (
     remove_if_unused,
     stage_lock,
 )
-from cqlsac.pipeline.config import ConfigError, OnlineConfig, PipelineConfig, config_hash
+from cqlsac.pipeline.config import ConfigError, OnlineConfig, PipelineConfig, config_hash, finetune_loss
 from cqlsac.pipeline.stages import STAGE_NAMES, Stage, stage_table
 from cqlsac.pipeline.supervision import STATE_SUFFIX, CurveRecord, OnlineRecord, Supervisor, stop_if_requested
 
@@ -89,13 +90,13 @@ class StageContext:
     resume: bool
     supervisors: list[Supervisor] = field(default_factory=list)
 
-    def env(self, seed: int | None = None):
-        return make_env(self.cfg.env.id, seed=seed, env_kwargs=self.cfg.env.kwargs)
+    def env(self):
+        return make_env(self.cfg.env.id, env_kwargs=self.cfg.env.kwargs)
 
     def agent(self, loss: LossConfig, optim: OptimConfig, network: NetworkConfig | None = None) -> Agent:
         """A fresh agent for the env's specs (networks from `network`, else the config's)."""
         env = self.env()
-        agent = make_agent(env, network or self.cfg.network, loss, optim)
+        agent = make_agent(env, network or self.cfg.network, loss, optim, compile=self.cfg.compile)
         env.close()
         return agent
 
@@ -105,16 +106,22 @@ class StageContext:
         A resumed loop cannot restore its env, so it carries on with a fresh collector for the
         frames still to collect, seeded apart from the first one so it does not replay its episodes.
         """
+        env_id, env_kwargs = self.cfg.env.id, self.cfg.env.kwargs
+
         def collector(frames_done: int) -> Collector:
-            return make_collector(self.env, actor, frames_per_batch=schedule.frames_per_batch,
+            return make_collector(partial(make_env, env_id, env_kwargs=env_kwargs, num_envs=schedule.num_envs), actor,
+                                  frames_per_batch=schedule.frames_per_batch,
                                   total_frames=schedule.frames - frames_done,
                                   init_random_frames=max(schedule.init_random_frames - frames_done, 0),
                                   seed=seed + frames_done)
         return collector
 
-    def evaluation_returns(self, actor, episodes: int) -> list[float]:
-        """Returns of `episodes` deterministic episodes; every evaluation of a run starts from `evaluate.seed`."""
-        return evaluate_policy(actor, self.cfg.env.id, self.cfg.env.kwargs, episodes, self.cfg.evaluate.seed)
+    def evaluation_returns(self, actor, episodes: int,
+                           exploration: ExplorationType = ExplorationType.DETERMINISTIC) -> list[float]:
+        """Returns of `episodes` episodes (the deterministic policy unless `exploration` says otherwise);
+        every evaluation of a run starts from `evaluate.seed`."""
+        return evaluate_policy(actor, self.cfg.env.id, self.cfg.env.kwargs, episodes, self.cfg.evaluate.seed,
+                               exploration)
 
     def mean_return(self, actor, episodes: int) -> float:
         returns = self.evaluation_returns(actor, episodes)
@@ -164,6 +171,29 @@ def warn_if_recorded_elsewhere(info, env_id: str, env_kwargs: dict) -> None:
         warnings.warn(f"dataset {info.dataset_id!r} was recorded on {recorded.id} with kwargs {recorded.kwargs} "
                       f"and a time limit of {recorded.max_episode_steps} steps, but the pipeline runs {ours.id} "
                       f"with kwargs {ours.kwargs} and {ours.max_episode_steps}", stacklevel=2)
+
+
+def check_action_family(cfg: PipelineConfig, action_spec) -> None:
+    """An env with neither Box nor Discrete actions, or an option of one action family set for the
+    other, is a `ConfigError` naming the key."""
+    if not is_discrete(action_spec):
+        try:
+            action_bounds(action_spec)
+        except TypeError as exc:
+            raise ConfigError(f"env.id {cfg.env.id}: {exc}") from None
+    discrete = is_discrete(action_spec)
+    losses = {"offline.loss": cfg.offline.loss}
+    if cfg.finetune.cql_weight is not None or cfg.finetune.calibrated:
+        losses["finetune (its loss)"] = finetune_loss(cfg.offline.loss, cfg.finetune)
+    for key, loss in losses.items():
+        if discrete and loss.num_actions != LossConfig().num_actions:
+            raise ConfigError(f"{key}.num_actions samples continuous actions; {cfg.env.id} has discrete ones, over "
+                              "which the logsumexp is exact: remove it")
+        if not discrete and loss.cql_subtracted != "data_action":
+            raise ConfigError(f"{key}.cql_subtracted={loss.cql_subtracted!r} is for discrete actions; {cfg.env.id} "
+                              "has continuous ones")
+    if discrete and cfg.network.scale_lb != NetworkConfig().scale_lb:
+        raise ConfigError(f"network.scale_lb bounds a Gaussian's scale; {cfg.env.id} has discrete actions: remove it")
 
 
 class Pipeline:
@@ -245,10 +275,7 @@ class Pipeline:
             raise ConfigError(f"env.kwargs {self.cfg.env.kwargs} do not work with {self.cfg.env.id} "
                               f"({str(exc).splitlines()[0]}); fix or remove env.kwargs") from None
         try:
-            action_bounds(env.action_spec)
-        except TypeError as exc:
-            raise ConfigError(f"env.id {self.cfg.env.id}: {exc}; pick an env with continuous actions "
-                              "(LunarLander-v3 has them with env.kwargs: {continuous: true})") from None
+            check_action_family(self.cfg, env.action_spec)
         finally:
             env.close()
         for name in plan:

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tensordict import TensorDict
+from torchrl.envs.utils import ExplorationType
 
 from cqlsac.components.checkpoints import load_agent, load_policy, save_agent
+from cqlsac.components.collector import EpisodeReturns
 from cqlsac.components.config import LossConfig, NetworkConfig
 from cqlsac.components.replay import EpisodeAccumulator, MixedReplay, OnlineReplay, make_online_buffer
 from cqlsac.components.update import Agent
@@ -60,13 +62,18 @@ def train_sac(ctx: StageContext, schedule: OnlineConfig, network: NetworkConfig,
               evaluate_at_start: bool = False) -> tuple[Agent, OnlineReplay, list[dict]]:
     """Online SAC from scratch (the loss with CQL weight 0): a policy checkpoint at every evaluation.
 
-    Returns the agent, its replay data and the evaluations as checkpoint records (frames, return,
-    path); with `evaluate_at_start`, the untrained policy is evaluated at frame 0 too.
+    Returns the agent, its replay data, the evaluations as checkpoint records (frames, return,
+    path) and the training episodes (frames at their end, return, length); with
+    `evaluate_at_start`, the untrained policy is evaluated at frame 0 too. The temperature's target
+    entropy is the offline loss's (null: the action family's default).
     """
-    agent = ctx.agent(LossConfig(gamma=ctx.cfg.offline.loss.gamma, cql_weight=0.0), schedule.optim, network)
+    loss = ctx.cfg.offline.loss
+    agent = ctx.agent(LossConfig(gamma=loss.gamma, cql_weight=0.0, target_entropy=loss.target_entropy),
+                      schedule.optim, network)
     data = OnlineReplay(schedule.frames, schedule.batch_size, warmup_frames=schedule.init_random_frames)
     checkpoints: list[dict] = []
-    supervisor = ctx.supervisor(agent, OnlineRecord(data, checkpoints))
+    episodes = EpisodeReturns()
+    supervisor = ctx.supervisor(agent, OnlineRecord(data, checkpoints, episodes))
 
     def evaluate() -> float:
         return ctx.mean_return(agent.actor, schedule.eval_episodes)
@@ -81,29 +88,31 @@ def train_sac(ctx: StageContext, schedule: OnlineConfig, network: NetworkConfig,
         keep(0, evaluate())
     for frames, mean_return in train_online(agent, data, ctx.collector_after(agent.actor, schedule, collector_seed),
                                             schedule=schedule, evaluate=evaluate, log=ctx.log,
-                                            supervisor=supervisor, desc=ctx.name):
+                                            supervisor=supervisor, desc=ctx.name, episodes=episodes):
         keep(frames, mean_return)
-    return agent, data, checkpoints
+    return agent, data, checkpoints, episodes.completed
 
 
 def run_pretrain(ctx: StageContext) -> dict:
     """Online SAC from scratch: the behaviour policies (a checkpoint per evaluation) and its replay data."""
     cfg = ctx.cfg
-    _, data, checkpoints = train_sac(ctx, cfg.pretrain, cfg.network, collector_seed=ctx.seed)
+    _, data, checkpoints, episodes = train_sac(ctx, cfg.pretrain, cfg.network, collector_seed=ctx.seed)
     replay = ctx.dir / "replay"
     shutil.rmtree(replay, ignore_errors=True)
-    data.buffer[:].exclude("collector", "loc", "scale").memmap(replay)
+    data.buffer[:].exclude("loc", "scale").memmap(replay)  # trajectory ids kept: medium-replay splits episodes by them
     random_return = ctx.mean_return(None, cfg.pretrain.eval_episodes)
-    return {"checkpoints": checkpoints, "replay": str(replay), "random_return": random_return}
+    return {"checkpoints": checkpoints, "replay": str(replay), "random_return": random_return,
+            "episodes": episodes}
 
 
 def run_baseline(ctx: StageContext) -> dict:
     """SAC from scratch on its own budget and seed: the curve the fine-tuned agent is compared with."""
     cfg = ctx.cfg
     network = dataclasses.replace(cfg.network, critic_layer_norm=cfg.baseline.critic_layer_norm)
-    _, _, checkpoints = train_sac(ctx, cfg.baseline, network, collector_seed=ctx.seed + 2, evaluate_at_start=True)
+    _, _, checkpoints, episodes = train_sac(ctx, cfg.baseline, network, collector_seed=ctx.seed + 2,
+                                            evaluate_at_start=True)
     return {"evals": [(c["frames"], c["return"]) for c in checkpoints], "checkpoints": checkpoints,
-            "policy": checkpoints[-1]["path"]}
+            "policy": checkpoints[-1]["path"], "episodes": episodes}
 
 
 # --- the dataset --------------------------------------------------------------------------------
@@ -149,7 +158,7 @@ def run_dataset(ctx: StageContext) -> dict:
         write_replay_dataset(dataset_id, replay, cfg.env.id, cfg.env.kwargs, **common)
     else:
         policies = {"random": ["random"], "medium": [medium["path"]], "expert": [expert["path"]],
-                    "medium-expert": [medium["path"], expert["path"]]}[dcfg.preset]
+                    "medium-expert": [medium["path"], expert["path"]], "final": [checkpoints[-1]["path"]]}[dcfg.preset]
         create_dataset(dataset_id, policies, dcfg.steps, env_id=cfg.env.id, env_kwargs=cfg.env.kwargs,
                        preset=dcfg.preset, **common)
     print(f"[dataset] wrote {dataset_id}; train on it again with dataset.name={dataset_id}")
@@ -185,18 +194,20 @@ def run_offline(ctx: StageContext) -> dict:
 
 
 def run_finetune(ctx: StageContext) -> dict:
-    """Offline-online combined training from the offline agent (docs/pipeline.md)."""
+    """Offline-online combined training from the offline agent, or from scratch (`finetune.start`)."""
     cfg, fcfg = ctx.cfg, ctx.cfg.finetune
     loss_cfg = finetune_loss(cfg.offline.loss, fcfg)
     agent = ctx.agent(loss_cfg, fcfg.optim)
-    load_agent(ctx.inputs["offline"]["agent"], agent.loss)
+    if fcfg.start == "offline":
+        load_agent(ctx.inputs["offline"]["agent"], agent.loss)
     offline, _ = ctx.offline_replay(None)  # MixedReplay asks for its own share of each batch
     keys = agent.loss.in_keys + ["mc_return"] if "mc_return" not in agent.loss.in_keys else agent.loss.in_keys
     end = fcfg.offline_fraction_end if fcfg.mixing == "annealed" else None
     data = MixedReplay(offline, make_online_buffer(fcfg.frames), fcfg.batch_size, keys, fcfg.offline_fraction, end,
                        merged=fcfg.mixing == "merged", episodes=EpisodeAccumulator(loss_cfg.gamma, keys))
     evals: list = []
-    supervisor = ctx.supervisor(agent, OnlineRecord(data, evals))
+    episodes = EpisodeReturns()
+    supervisor = ctx.supervisor(agent, OnlineRecord(data, evals, episodes))
 
     def evaluate() -> float:
         return ctx.mean_return(agent.actor, fcfg.eval_episodes)
@@ -206,43 +217,61 @@ def run_finetune(ctx: StageContext) -> dict:
         evals.append((0, evaluate()))
     for frames, mean_return in train_online(agent, data, ctx.collector_after(agent.actor, fcfg, ctx.seed + 1),
                                             schedule=fcfg, evaluate=evaluate, log=ctx.log, supervisor=supervisor,
-                                            desc="finetune"):
+                                            desc="finetune", episodes=episodes):
         evals.append((frames, mean_return))
         ctx.log.scalar("finetune/eval_return", mean_return, frames)
     ctx.save_policy(ctx.dir / "policy.pt", agent.actor, cfg.network)
-    return {"policy": str(ctx.dir / "policy.pt"), "evals": evals}
+    return {"policy": str(ctx.dir / "policy.pt"), "evals": evals, "episodes": episodes.completed}
 
 
 def run_evaluate(ctx: StageContext) -> dict:
     """The final policy, deterministic, over `evaluate.episodes` seeded episodes; raw and normalised."""
+    ecfg = ctx.cfg.evaluate
     policy = ctx.inputs["finetune"]["policy"]
     actor, _ = load_policy(policy)
-    returns = ctx.evaluation_returns(actor, ctx.cfg.evaluate.episodes)
+    exploration = ExplorationType.RANDOM if ecfg.sample_actions else ExplorationType.DETERMINISTIC
+    returns = ctx.evaluation_returns(actor, ecfg.episodes, exploration)
     mean_return = sum(returns) / len(returns)
     bounds = ctx.inputs["dataset"]
     has_scores = bounds["ref_min_score"] is not None and bounds["ref_max_score"] is not None
     return {"policy": policy, "returns": returns, "mean_return": mean_return,
             "normalized_score": normalized(mean_return, bounds["ref_min_score"], bounds["ref_max_score"])
-            if has_scores else None}
+            if has_scores else None, "lowest_window_mean": lowest_window_mean(returns, WINDOW)}
+
+
+WINDOW = 100  # episodes per window of the seed's stability claim
+
+
+def lowest_window_mean(returns: list[float], window: int) -> float | None:
+    """The lowest mean of `window` consecutive returns (None with fewer returns)."""
+    if len(returns) < window:
+        return None
+    sums = [sum(returns[:window])]
+    for i in range(window, len(returns)):
+        sums.append(sums[-1] + returns[i] - returns[i - window])
+    return min(sums) / window
 
 
 # --- the table --------------------------------------------------------------------------------
 STAGES = (
-    # `offline.loss.gamma` is pretraining's discount too; `evaluate.seed` picks the episodes that
-    # score its checkpoints (and so the medium and expert policies).
-    Stage("pretrain", run_pretrain, reads=("env", "network", "pretrain", "offline.loss.gamma", "evaluate.seed")),
+    # `offline.loss.gamma` and `.target_entropy` are SAC's too; `evaluate.seed` picks the episodes
+    # that score its checkpoints (and so the medium and expert policies).
+    Stage("pretrain", run_pretrain,
+          reads=("env", "network", "pretrain", "offline.loss.gamma", "offline.loss.target_entropy", "evaluate.seed",
+                 "compile")),
     # v2: the medium policy is stopped early (`pick_medium`).
     Stage("dataset", run_dataset, inputs=("pretrain",),
           reads=("env", "dataset.preset", "dataset.steps", "dataset.medium_level", "dataset.reference_scores",
                  "dataset.save_as", "pretrain.init_random_frames"),
           version=2, intact=dataset_is_local),
-    Stage("offline", run_offline, inputs=("dataset",), reads=("env", "network", "offline", "evaluate")),
+    Stage("offline", run_offline, inputs=("dataset",), reads=("env", "network", "offline", "evaluate", "compile")),
     # v3: the offline policy's point of the fine-tuning curve comes from the fine-tuning evaluation protocol.
     Stage("finetune", run_finetune, inputs=("offline", "dataset"),
-          reads=("env", "network", "offline.loss", "finetune", "evaluate.seed"), version=3),
+          reads=("env", "network", "offline.loss", "finetune", "evaluate.seed", "compile"), version=3),
     Stage("evaluate", run_evaluate, inputs=("finetune", "dataset"), reads=("env", "evaluate")),
     Stage("baseline", run_baseline,
-          reads=("env", "network", "baseline", "offline.loss.gamma", "evaluate.seed"),
+          reads=("env", "network", "baseline", "offline.loss.gamma", "offline.loss.target_entropy", "evaluate.seed",
+                 "compile"),
           seed_offset=lambda cfg: cfg.baseline.seed_offset),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
@@ -252,11 +281,14 @@ NAMED_DATASET = Stage("dataset", use_named_dataset, reads=("dataset.name",),
 
 def stage_table(cfg: PipelineConfig) -> dict[str, Stage]:
     """The stages of this config by name: with `dataset.name`, the named dataset stands in for the
-    pretrain and dataset stages. Unknown names in `cfg.stages` are a `ConfigError`."""
+    pretrain and dataset stages; fine-tuning from scratch reads no offline stage. Unknown names in
+    `cfg.stages` are a `ConfigError`."""
     unknown = [name for name in cfg.stages if name not in STAGE_NAMES]
     if unknown:
         raise ConfigError(f"stages: unknown stage(s) {unknown}; the stages are {list(STAGE_NAMES)}")
     table = {stage.name: stage for stage in STAGES}
+    if cfg.finetune.start == "scratch":  # a fresh agent: the offline stage is not read
+        table["finetune"] = dataclasses.replace(table["finetune"], inputs=("dataset",))
     if cfg.dataset.name is not None:
         del table["pretrain"]
         table["dataset"] = NAMED_DATASET

@@ -101,7 +101,7 @@ def test_a_failed_start_leaves_no_run_or_stage_folder(tmp_path, dataset_store, c
     args = [f"output_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}"]
     assert main(["run", *args, "dataset.name=test/none-v0"]) == 2
     assert "is not in the local Minari store" in capsys.readouterr().err
-    assert main(["run", *args, "env.id=CartPole-v1"]) == 2
+    assert main(["run", *args, "env.id=Pendulum-v9"]) == 2
     assert not (tmp_path / "runs").exists() and not list((tmp_path / "cache").glob("*"))
 
 

@@ -216,11 +216,6 @@ def test_stage_outputs_are_found_from_any_working_directory(workdir, monkeypatch
     assert pipe.stage_dir("offline").parent == workdir / "relative" / "cache"
 
 
-def test_an_env_without_continuous_actions_is_a_config_error():
-    with pytest.raises(ConfigError, match="CartPole-v1: CQL-SAC needs a bounded \\(Box\\) action space"):
-        Pipeline(PipelineConfig.from_yaml(None, ["env.id=CartPole-v1"])).check([])
-
-
 def test_tensorboard_logger_without_tensorboard_is_a_config_error(monkeypatch):
     import importlib.util
     find_spec = importlib.util.find_spec

@@ -104,8 +104,8 @@ def after_update(monkeypatch, update, action):
     """Call `action(loss)` right after the loss module's `update`-th update (counted across stages)."""
     update_step = update_module.update_step
 
-    def update_then_act(loss, optimizer, batch, tau):
-        metrics = update_step(loss, optimizer, batch, tau)
+    def update_then_act(loss, optimizer, batch, *args):
+        metrics = update_step(loss, optimizer, batch, *args)
         if int(loss.update_count) == update:
             action(loss)
         return metrics
@@ -153,7 +153,7 @@ def test_online_stage_carries_on_with_the_data_it_collected(reference, monkeypat
     progress = torch.load(state_path, weights_only=True)["progress"]
     record = progress["record"]
     chunks = [torch.load(state_path.with_name(chunk), weights_only=True) for chunk in record["chunks"]]
-    kept = sum(part["size"] for part in [*chunks, record["pending"]] if part is not None)
+    kept = sum(part["size"] for part in [*chunks, *record["pending"].values()])
     assert progress["step"] == 200 and kept == 200  # every collected frame: in the buffer or a pending episode
     assert progress["owed_updates"] == (0 if where == "after a batch" else 50)
     assert [frames for frames, _ in record["evals"]] == ([0, 200] if where == "after a batch" else [0])

@@ -1,0 +1,394 @@
+"""Sweeps: every combination of some config values, over seeds, each combination a normal pipeline run.
+
+All runs share the stage cache, so runs that share a stage (the same dataset, the same baseline)
+compute it once. They run in worker processes on this machine (`local`) or as Ray tasks
+(`ray`, on a local instance or a cluster), one fresh process per run with `threads` torch threads.
+A sweep directory holds `sweep.json` (the spec and every run's status and summary), `runs/`
+(one run directory each) and the report that `cqlsac report` makes from them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import platform
+import re
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cqlsac.components.checkpoints import atomic_json
+from cqlsac.components.errors import UserError
+from cqlsac.pipeline.config import ConfigError, PipelineConfig, config_hash, read_yaml, resolve_config_path
+
+SWEEP_FILE = "sweep.json"
+BACKENDS = ("local", "ray")
+
+
+def split_values(text: str) -> list[str]:
+    """`a,[1,2],{x: 1}` -> `["a", "[1,2]", "{x: 1}"]`: commas inside brackets or braces do not split."""
+    values, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            values.append(current)
+            current = ""
+        else:
+            current += char
+    return values + [current]
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`0-9` or `0,3,5` or `0-2,7` -> a list of seeds."""
+    seeds = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(-?\d+)\s*(?:-\s*(-?\d+)\s*)?", part)
+        if match is None:
+            raise ConfigError(f"--seeds {text!r}: expected seeds like 0-9, 0,3,5 or 0-2,7")
+        low, high = int(match[1]), int(match[2] if match[2] is not None else match[1])
+        if high < low:
+            raise ConfigError(f"--seeds {text!r}: {low}-{high} is an empty range")
+        seeds += range(low, high + 1)
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r} names a seed twice")
+    return seeds
+
+
+def as_override(key: str, value: Any) -> str:
+    """`key=value` with the value written as YAML (so that it parses back to the same value)."""
+    if isinstance(value, str):
+        return f"{key}={value}"
+    dumped = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+    return f"{key}={dumped.removesuffix(chr(10) + '...').strip()}"
+
+
+@dataclass
+class SweepRun:
+    """One run of a sweep: a setting (one value per axis) and a seed."""
+
+    setting: int
+    seed: int
+    overrides: dict[str, Any]
+    run_dir: str
+    status: str = "pending"
+    error: str | None = None
+    summary: dict | None = None
+
+
+@dataclass
+class Sweep:
+    """The runs of `config` (a path, a bundled name, or None for the default) with the fixed
+    `overrides`, for every combination of the `axes` values and every seed.
+
+    `workers` runs go at once, each with `threads` torch threads (default: the cores shared out).
+    With `backend="ray"`, each run is a Ray task (`address` of a cluster, else a local instance);
+    the cache must then be on a filesystem every node sees.
+    """
+
+    config: str | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    axes: dict[str, list] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+    sweep_dir: str | None = None
+    workers: int = 1
+    backend: str = "local"
+    address: str | None = None
+    threads: int | None = None
+    title: str | None = None
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+        if not self.seeds:
+            raise ConfigError("a sweep needs at least one seed")
+        if any(override.split("=", 1)[0].strip() == "seed" for override in self.overrides) or "seed" in self.axes:
+            raise ConfigError("seeds are an axis of their own: use --seeds, not seed=...")
+        for key, values in self.axes.items():
+            if not values:
+                raise ConfigError(f"axis {key} has no values")
+        self.threads = self.threads or max(1, (os.cpu_count() or 1) // self.workers)
+        self.base = PipelineConfig.from_yaml(self.config, self.overrides)  # a bad key fails before anything runs
+        self.cache_dir = str(Path(self.base.cache_dir).resolve())
+        if self.sweep_dir is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            key = config_hash(self.config, self.overrides, self.axes, self.seeds)[:6]
+            self.sweep_dir = str(Path(self.base.output_dir).resolve() / "sweeps" / f"{stamp}-{key}")
+        self.runs = self.plan()
+
+    # --- the spec -----------------------------------------------------------------------------
+    @classmethod
+    def from_args(cls, config: str | None, seeds: str, assignments: list[str], **execution) -> Sweep:
+        """A sweep from the command line: `key=v` fixes a value, `key=v1,v2` makes an axis."""
+        axes, overrides = {}, []
+        for item in assignments:
+            if "=" not in item:
+                raise ConfigError(f"{item!r} must look like key=value or key=v1,v2")
+            key, raw = item.split("=", 1)
+            values = split_values(raw)
+            if len(values) > 1:
+                axes[key.strip()] = values
+            else:
+                overrides.append(item)
+        return cls(config=config, seeds=parse_seeds(seeds), axes=axes, overrides=overrides, **execution)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **execution) -> Sweep:
+        """A sweep from a YAML file with `config`, `seeds` (a list or a string like 0-9), `axes`
+        (key: [values]), `overrides` (key: value) and `title`."""
+        data = read_yaml(resolve_config_path(path))
+        unknown = sorted(set(data) - {"config", "seeds", "axes", "overrides", "title"})
+        if unknown:
+            raise ConfigError(f"sweep file {path}: unknown key(s) {unknown} (valid: config, seeds, axes, overrides, title)")
+        seeds = data.get("seeds", [0])
+        seeds = parse_seeds(seeds) if isinstance(seeds, str) else [int(s) for s in seeds]
+        axes = {key: [as_override(key, v).split("=", 1)[1] for v in values]
+                for key, values in (data.get("axes") or {}).items()}
+        overrides = [as_override(key, value) for key, value in (data.get("overrides") or {}).items()]
+        return cls(config=data.get("config"), seeds=seeds, axes=axes, overrides=overrides, title=data.get("title"),
+                   **execution)
+
+    @classmethod
+    def resumed(cls, sweep_dir: str | Path, **execution) -> Sweep:
+        """The sweep recorded in `sweep_dir`: its finished runs are kept, the others run (or resume)."""
+        record = Path(sweep_dir) / SWEEP_FILE
+        if not record.is_file():
+            raise ConfigError(f"{sweep_dir} is not a sweep directory (no {SWEEP_FILE} in it)")
+        spec = json.loads(record.read_text())["spec"]
+        return cls(config=spec["config"], seeds=spec["seeds"], axes=spec["axes"], overrides=spec["overrides"],
+                   title=spec.get("title"), sweep_dir=str(sweep_dir), **execution)
+
+    def settings(self) -> list[dict[str, str]]:
+        """Every combination of the axes' values, the first axis varying slowest."""
+        keys = list(self.axes)
+        return [dict(zip(keys, values)) for values in itertools.product(*(self.axes[k] for k in keys))]
+
+    def plan(self) -> list[SweepRun]:
+        """The runs, setting by setting (so that runs at once differ in seed and share no stage), with the
+        status of any earlier attempt of this sweep directory."""
+        earlier = {}
+        record = Path(self.sweep_dir) / SWEEP_FILE
+        if record.is_file():
+            earlier = {(r["setting"], r["seed"]): r for r in json.loads(record.read_text())["runs"]}
+        runs = []
+        for index, setting in enumerate(self.settings()):
+            for seed in self.seeds:
+                self.run_config(setting, seed)  # every config is valid before any run starts
+                run_dir = Path(self.sweep_dir) / "runs" / f"{index:02d}-seed{seed}"
+                done = earlier.get((index, seed))
+                finished = done is not None and done["status"] == "finished" and (run_dir / "summary.json").is_file()
+                runs.append(SweepRun(**done) if finished else SweepRun(index, seed, setting, str(run_dir)))
+        return runs
+
+    def run_overrides(self, setting: dict[str, str], seed: int) -> list[str]:
+        """The run's overrides: the fixed ones, its setting, its seed and the cache as an absolute path."""
+        fixed = [o for o in self.overrides if o.split("=", 1)[0].strip() != "cache_dir"]
+        return [*fixed, *(f"{key}={value}" for key, value in setting.items()), f"seed={seed}",
+                f"cache_dir={self.cache_dir}"]
+
+    def run_config(self, setting: dict[str, str], seed: int) -> PipelineConfig:
+        return PipelineConfig.from_yaml(self.config, self.run_overrides(setting, seed))
+
+    # --- running ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Run every unfinished run; returns the sweep record (also in `sweep.json`). Ctrl-C stops the
+        whole sweep: running runs save their checkpoints and are marked interrupted."""
+        from tqdm.auto import tqdm
+
+        Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        todo = [run for run in self.runs if run.status != "finished"]
+        self.save(started, None)
+        tasks = {id(run): self.task(run) for run in todo}
+        execute = run_locally if self.backend == "local" else run_on_ray
+        with tqdm(total=len(self.runs), initial=len(self.runs) - len(todo), desc="sweep", unit="run") as bar:
+            try:
+                for run, result in execute(todo, tasks, self):
+                    run.status, run.error, run.summary = result["status"], result.get("error"), result.get("summary")
+                    bar.update(1)
+                    tqdm.write(self.progress_line(run))
+                    self.save(started, None)
+            except KeyboardInterrupt:
+                for run in todo:
+                    if run.status == "pending":
+                        run.status = "interrupted"
+                self.save(started, time.time())
+                raise
+        record = self.save(started, time.time())
+        from cqlsac.pipeline import sweep_report
+
+        sweep_report.write(Path(self.sweep_dir))
+        return record
+
+    def task(self, run: SweepRun) -> dict:
+        return {"config": self.config, "overrides": self.run_overrides(run.overrides, run.seed),
+                "run_dir": run.run_dir, "threads": self.threads}
+
+    def progress_line(self, run: SweepRun) -> str:
+        label = ", ".join(f"{k}={v}" for k, v in run.overrides.items()) or "base config"
+        if run.status == "finished":
+            final = run.summary.get("final_eval_return")
+            outcome = "finished" + (f", final return {final:.1f}" if final is not None else "")
+        else:
+            outcome = f"{run.status}: {run.error}"
+        return f"[{label} | seed {run.seed}] {outcome}"
+
+    def save(self, started: float, ended: float | None) -> dict:
+        record = {
+            "spec": {"config": self.config, "seeds": self.seeds, "axes": self.axes, "overrides": self.overrides,
+                     "title": self.title},
+            "command": " ".join(["cqlsac", *sys.argv[1:]]) if Path(sys.argv[0]).name == "cqlsac" else None,
+            "backend": self.backend, "workers": self.workers, "threads": self.threads,
+            "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
+            "wall_seconds": None if ended is None else round(ended - started, 1),
+            "runs": [asdict(run) for run in self.runs],
+        }
+        atomic_json(Path(self.sweep_dir) / SWEEP_FILE, record)
+        return record
+
+
+def machine() -> dict:
+    """What the runs ran on: processor, cores, Python and torch's versions."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+# --- one run, in a worker process -------------------------------------------------------------------
+def run_one(task: dict) -> dict:
+    """Run (or resume) one pipeline run; its output goes to `run.log` in its run directory. Returns
+    `{"status", "error", "summary"}`: a failure is one line, never an exception."""
+    import torch
+
+    from cqlsac.pipeline.pipeline import Pipeline
+    from cqlsac.pipeline.supervision import DivergenceError, Interrupted, stop_on_signals
+
+    torch.set_num_threads(task["threads"])
+    run_dir = Path(task["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "run.log", "a") as log, redirect_stdout(log), redirect_stderr(log):
+        # This process runs this one task: its file descriptors go to the log too (libraries' own handlers).
+        sys.stdout.flush()
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            with stop_on_signals():
+                if (run_dir / "config.yaml").is_file():
+                    pipe = Pipeline.resumed(run_dir)
+                else:
+                    pipe = Pipeline(PipelineConfig.from_yaml(task["config"], task["overrides"]), run_dir=run_dir)
+                return {"status": "finished", "summary": pipe.run()}
+        except (Interrupted, KeyboardInterrupt):
+            return {"status": "interrupted", "error": "stopped by a signal; the sweep resumes it from its checkpoints"}
+        except (UserError, DivergenceError) as exc:
+            return {"status": "failed", "error": str(exc).splitlines()[0]}
+        except Exception as exc:  # a bug: the other runs go on, the line says where to look
+            traceback.print_exc()
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            return {"status": "failed", "error": f"{type(exc).__name__}: {first} (traceback in {run_dir / 'run.log'})"}
+
+
+# --- backends --------------------------------------------------------------------------------------
+def run_locally(runs: list[SweepRun], tasks: dict, sweep: Sweep) -> Iterator[tuple[SweepRun, dict]]:
+    """Up to `sweep.workers` runs at once, each in a fresh process."""
+    executor = ProcessPoolExecutor(max_workers=sweep.workers, mp_context=get_context("spawn"), max_tasks_per_child=1)
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    futures = {}
+    try:
+        queue = list(runs)
+        while queue or futures:
+            while queue and len(futures) < sweep.workers:
+                run = queue.pop(0)
+                futures[executor.submit(run_one, tasks[id(run)])] = run
+            done, _ = wait(futures, return_when=FIRST_COMPLETED)
+            for future in done:
+                run = futures.pop(future)
+                try:
+                    result = future.result()
+                except Exception as exc:  # the worker process died
+                    result = {"status": "failed", "error": f"worker process failed: {type(exc).__name__}: {exc}"}
+                yield run, result
+    except KeyboardInterrupt:
+        # Ctrl-C reached every process of the group; a SIGTERM to the sweep alone is passed on to the runs.
+        for process in list(getattr(executor, "_processes", {}).values()):
+            _signal_quietly(process.pid, signal.SIGINT)
+        for future, run in futures.items():
+            result = future.result() if not future.cancelled() else {"status": "interrupted"}
+            run.status, run.error = result["status"], result.get("error")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def run_on_ray(runs: list[SweepRun], tasks: dict, sweep: Sweep) -> Iterator[tuple[SweepRun, dict]]:
+    """Each run a Ray task asking for `sweep.threads` CPUs, at most `sweep.workers` in flight."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports to Ray's servers
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token written to ~/.ray on a local instance
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--backend ray needs Ray: pip install -e '.[ray]'") from None
+    owns = not ray.is_initialized()
+    if owns:
+        ray.init(address=sweep.address or "local", include_dashboard=False, log_to_driver=False,
+                 **({} if sweep.address else {"num_cpus": os.cpu_count()}))
+    remote = ray.remote(num_cpus=sweep.threads, max_retries=0, max_calls=1)(run_one)
+    pending = {}
+    try:
+        queue = list(runs)
+        while queue or pending:
+            while queue and len(pending) < sweep.workers:
+                run = queue.pop(0)
+                pending[remote.remote(tasks[id(run)])] = run
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                run = pending.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    result = {"status": "failed", "error": f"Ray: {type(exc).__name__}: {str(exc).splitlines()[0]}"}
+                yield run, result
+    except KeyboardInterrupt:
+        for ref in pending:
+            ray.cancel(ref)
+        for ref, run in pending.items():
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError:
+                result = {"status": "interrupted"}
+            run.status, run.error = result["status"], result.get("error")
+        raise
+    finally:
+        if owns:
+            ray.shutdown()
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _signal_quietly(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,210 @@
+"""The report of a sweep, from what is on disk: per setting, the mean and interquartile mean of the
+final and intermediate returns with 95% stratified bootstrap intervals, the probability that one
+setting improves on another, and learning curves with interval bands (`cqlsac report SWEEP_DIR`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from cqlsac.components.checkpoints import atomic_write
+from cqlsac.components.statistics import interval_estimate, iqm, mean, probability_of_improvement_ci
+from cqlsac.pipeline.config import ConfigError
+from cqlsac.pipeline.report import fmt
+
+SWEEP_FILE = "sweep.json"
+# Summary figures reported per setting: (key in summary.json, what it is).
+FIGURES = (("final_eval_return", "final return (fine-tuned policy)"),
+           ("offline_eval_return", "offline CQL policy"),
+           ("sac_final_return", "SAC from scratch, final"),
+           ("dataset_mean_return", "dataset (behaviour policy)"))
+
+
+def load(sweep_dir: Path) -> dict:
+    path = Path(sweep_dir) / SWEEP_FILE
+    if not path.is_file():
+        raise ConfigError(f"{sweep_dir} is not a sweep directory (no {SWEEP_FILE} in it); pass the folder "
+                          "that `cqlsac sweep` printed last")
+    return json.loads(path.read_text())
+
+
+def setting_label(overrides: dict) -> str:
+    return ", ".join(f"{key}={value}" for key, value in overrides.items()) or "base config"
+
+
+def settings(record: dict) -> list[tuple[str, list[dict]]]:
+    """(label, the finished runs' summaries) per setting, in the sweep's order."""
+    groups: dict[int, tuple[str, list[dict]]] = {}
+    for run in record["runs"]:
+        label, summaries = groups.setdefault(run["setting"], (setting_label(run["overrides"]), []))
+        if run["status"] == "finished":
+            summaries.append(run["summary"])
+    return list(groups.values())
+
+
+def figure(summaries: list[dict], key: str) -> np.ndarray:
+    values = [s.get(key) for s in summaries]
+    return np.array([v for v in values if v is not None], dtype=float)
+
+
+def curve(summaries: list[dict], key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(frames, returns `[runs, points]`) of the evaluation curves every run has on the same frames."""
+    curves = [s.get(key) for s in summaries if s.get(key)]
+    if not curves or any([f for f, _ in c] != [f for f, _ in curves[0]] for c in curves):
+        return None
+    return np.array([f for f, _ in curves[0]]), np.array([[r for _, r in c] for c in curves], dtype=float)
+
+
+def estimate(values: np.ndarray, statistic) -> str:
+    if values.size == 0:
+        return "-"
+    if values.size == 1:
+        return f"{fmt(float(values[0]))} (one run)"
+    est = interval_estimate(values, statistic)
+    return f"{fmt(est['point'])} [{fmt(est['low'])}, {fmt(est['high'])}]"
+
+
+def markdown(record: dict, sweep_dir: Path, image: str) -> str:
+    """The sweep's results: setting tables, improvement probabilities, curves; with how they were made."""
+    title = record["spec"].get("title") or f"Sweep `{Path(sweep_dir).name}`"
+    runs = record["runs"]
+    counts = {status: sum(r["status"] == status for r in runs) for status in ("finished", "failed", "interrupted")}
+    compute = sum(sum(v for v in (r["summary"] or {}).get("stage_seconds", {}).values()) for r in runs)
+    machine = record["machine"]
+    lines = [f"## {title}", "",
+             f"Command: `{record['command'] or '(from Python)'}`; config `{record['spec']['config'] or 'default'}`"
+             + (f" with {', '.join(f'`{o}`' for o in record['spec']['overrides'])}" if record['spec']['overrides'] else "")
+             + f"; seeds {_seed_text(record['spec']['seeds'])}.",
+             f"Ran {record['started']} on {machine['cpu']} ({machine['cores']} cores), {record['backend']} backend, "
+             f"{record['workers']} at once with {record['threads']} thread(s) each: "
+             + (f"{record['wall_seconds'] / 60:.1f} min wall, " if record["wall_seconds"] else "")
+             + f"{compute / 60:.1f} min of stage compute in these runs (stages reused from the cache cost none here). "
+             f"Runs: {counts['finished']} finished, {counts['failed']} failed, {counts['interrupted']} interrupted.", "",
+             "Each cell: the statistic over the seeds, then its 95% stratified bootstrap interval in brackets.", ""]
+    for key, what in FIGURES:
+        groups = [(label, figure(summaries, key)) for label, summaries in settings(record)]
+        if not any(values.size for _, values in groups):
+            continue
+        lines += [f"**{what}** (`{key}`)", "", "| setting | runs | mean | IQM |", "| --- | --- | --- | --- |"]
+        lines += [f"| {label} | {values.size} | {estimate(values, mean)} | {estimate(values, iqm)} |"
+                  for label, values in groups]
+        lines.append("")
+    lines += fraction_table(record)
+    lines += improvement_table(record)
+    lines += [f"![curves]({image})", "",
+              "Curves: IQM over seeds of the mean evaluation return at each evaluation, with its 95% stratified "
+              "bootstrap band.", ""]
+    failed = [r for r in runs if r["status"] != "finished"]
+    if failed:
+        lines += ["Runs not finished:", ""] + [f"- {setting_label(r['overrides'])}, seed {r['seed']}: {r['status']}"
+                                               f" ({r['error']})" for r in failed] + [""]
+    return "\n".join(lines)
+
+
+def fraction_table(record: dict) -> list[str]:
+    """How soon fine-tuning reaches SAC's final return, per setting: runs that never did count as such."""
+    lines = ["**fine-tuning reaches SAC's final return** (online steps over SAC's budget; never = not "
+             "within fine-tuning's budget)", "", "| setting | runs | reached | trivially (at 0) | median fraction |",
+             "| --- | --- | --- | --- | --- |"]
+    any_rows = False
+    for label, summaries in settings(record):
+        known = [s for s in summaries if "finetune_step_fraction" in s]
+        if not known:
+            continue
+        any_rows = True
+        fractions = [s["finetune_step_fraction"] for s in known]
+        reached = [f for f in fractions if f is not None]
+        trivial = sum(bool(s.get("finetune_step_fraction_trivial")) for s in known)
+        ordered = sorted(fractions, key=lambda f: math.inf if f is None else f)
+        middle = ordered[(len(ordered) - 1) // 2]
+        lines.append(f"| {label} | {len(known)} | {len(reached)} | {trivial} | "
+                     f"{'never' if middle is None else f'{middle:.2f}'} |")
+    return lines + [""] if any_rows else []
+
+
+def improvement_table(record: dict) -> list[str]:
+    groups = [(label, figure(summaries, "final_eval_return")) for label, summaries in settings(record)]
+    groups = [(label, values) for label, values in groups if values.size > 1]
+    if len(groups) < 2:
+        return []
+    lines = ["**probability that the row setting's final return beats the column's** (P(X > Y) over runs, ties "
+             "half, with its 95% bootstrap interval)", "",
+             "| | " + " | ".join(label for label, _ in groups) + " |", "|---" * (len(groups) + 1) + "|"]
+    for label, x in groups:
+        cells = []
+        for other, y in groups:
+            if other == label:
+                cells.append("-")
+            else:
+                est = probability_of_improvement_ci(x, y)
+                cells.append(f"{est['point']:.2f} [{est['low']:.2f}, {est['high']:.2f}]")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
+    drawn_baseline = False
+    for label, summaries in settings(record):
+        for key, name in (("finetune_evals", label), ("baseline_evals", "SAC from scratch")):
+            if key == "baseline_evals" and drawn_baseline:
+                continue  # the baseline reads none of the swept fine-tuning settings: drawn once
+            points = curve(summaries, key)
+            if points is None:
+                continue
+            frames, returns = points
+            bands = [interval_estimate(returns[:, i], iqm, reps=2000) for i in range(returns.shape[1])]
+            colour = next(colours)
+            style = "--" if key == "baseline_evals" else "-"
+            ax.plot(frames, [b["point"] for b in bands], style, color=colour, label=f"{name} ({returns.shape[0]} seeds)")
+            ax.fill_between(frames, [b["low"] for b in bands], [b["high"] for b in bands], color=colour, alpha=0.2)
+            drawn_baseline |= key == "baseline_evals"
+    ax.set(xlabel="online environment steps", ylabel="evaluation return (IQM over seeds)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write(sweep_dir: Path) -> Path:
+    """Write `report.md` and `curves.png` of the sweep in `sweep_dir`; returns the report's path."""
+    record = load(sweep_dir)
+    plot(record, Path(sweep_dir) / "curves.png")
+    report = Path(sweep_dir) / "report.md"
+    atomic_write(report, "# cqlsac sweep report\n\n" + markdown(record, sweep_dir, "curves.png"))
+    return report
+
+
+def write_results(sweep_dirs: list[Path], results: Path, title: str = "Results") -> None:
+    """A results page made of one generated section per sweep, their curves copied beside it (`img/`)."""
+    images = results.parent / "img"
+    images.mkdir(parents=True, exist_ok=True)
+    sections = [f"# {title}", "",
+                "Generated by `cqlsac report " + " ".join(str(d) for d in sweep_dirs) + f" --results {results}` "
+                "from the sweeps' own records; do not edit by hand. Dated notes of what was tried and not kept are in "
+                "[experiments/](experiments/).", ""]
+    for sweep_dir in sweep_dirs:
+        record = load(sweep_dir)
+        plot(record, Path(sweep_dir) / "curves.png")
+        image = images / f"sweep-{Path(sweep_dir).name}.png"
+        shutil.copyfile(Path(sweep_dir) / "curves.png", image)
+        sections.append(markdown(record, sweep_dir, f"img/{image.name}"))
+    atomic_write(results, "\n".join(sections))
+
+
+def _seed_text(seeds: list[int]) -> str:
+    if seeds == list(range(seeds[0], seeds[0] + len(seeds))) and len(seeds) > 2:
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(str(s) for s in seeds)

@@ -1,0 +1,57 @@
+"""The aggregate estimators against values computed by hand on small arrays."""
+
+import numpy as np
+import pytest
+
+from cqlsac.components.statistics import (
+    interval_estimate,
+    iqm,
+    mean,
+    performance_profile,
+    probability_of_improvement,
+    probability_of_improvement_ci,
+    stratified_bootstrap_ci,
+)
+
+
+def test_iqm_cuts_a_quarter_of_the_scores_at_each_end():
+    assert iqm(np.arange(1, 9)) == 4.5  # 8 scores: 3, 4, 5, 6 remain
+    assert iqm(np.array([10.0, 1, 2, 3, 4, 5, -10])) == 3.0  # 7 scores: floor(1.75) = 1 cut at each end
+    assert iqm(np.array([1.0, 2.0, 9.0])) == 4.0  # fewer than 4 scores: nothing cut, the mean
+    assert iqm(np.array([[1.0, 100.0], [2.0, 3.0]])) == 2.5  # runs x tasks flattened: 2 and 3 remain
+    assert mean(np.array([[1.0, 2.0], [3.0, 6.0]])) == 3.0
+
+
+def test_a_bootstrap_of_equal_scores_has_no_width():
+    assert stratified_bootstrap_ci(np.full((5, 2), 7.0), iqm, reps=200) == (7.0, 7.0)
+
+
+def test_bootstrap_percentiles_of_two_runs():
+    # Replicates of the mean of two draws from {0, 1}: 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4;
+    # the 2.5th and 97.5th percentiles are then 0 and 1.
+    low, high = stratified_bootstrap_ci(np.array([[0.0], [1.0]]), mean, reps=4000, seed=3)
+    assert (low, high) == (0.0, 1.0)
+    estimate = interval_estimate(np.array([0.0, 1.0, 1.0, 1.0]), mean, reps=2000)
+    assert estimate["point"] == 0.75 and estimate["low"] < 0.75 < estimate["high"] <= 1.0
+
+
+def test_bootstrap_resamples_runs_within_each_task():
+    # Task 0's runs are 0 or 10, task 1's are all 5: every replicate mean is (mean of task 0 draws + 5) / 2.
+    scores = np.array([[0.0, 5.0], [10.0, 5.0]])
+    low, high = stratified_bootstrap_ci(scores, mean, reps=4000, seed=1)
+    assert (low, high) == (2.5, 7.5)
+
+
+def test_probability_of_improvement_counts_ties_as_half():
+    # Pairs: 1 vs 2 -> 0, 2 vs 2 -> 1/2, 3 vs 2 -> 1, each twice: 3 / 6.
+    assert probability_of_improvement(np.array([1.0, 2.0, 3.0]), np.array([2.0, 2.0])) == 0.5
+    assert probability_of_improvement(np.array([5.0, 6.0]), np.array([1.0, 2.0])) == 1.0
+    # Averaged over tasks: task 0 always better (1), task 1 always worse (0).
+    assert probability_of_improvement(np.array([[5.0, 0.0]]), np.array([[1.0, 9.0]])) == 0.5
+    estimate = probability_of_improvement_ci(np.array([5.0, 6.0, 7.0]), np.array([1.0, 2.0, 3.0]), reps=200)
+    assert estimate == pytest.approx({"point": 1.0, "low": 1.0, "high": 1.0})
+
+
+def test_performance_profile_is_the_fraction_above_each_threshold():
+    profile = performance_profile(np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([0.0, 2.0, 4.0]))
+    assert profile.tolist() == [1.0, 0.5, 0.0]

@@ -1,0 +1,149 @@
+"""Sweeps: the product of axes, one failing run among finished ones, a killed sweep resumed, and the
+same numbers from the local and the Ray backend."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cqlsac.pipeline.cli import main
+from cqlsac.pipeline.config import ConfigError
+from cqlsac.pipeline.sweep import Sweep, parse_seeds, split_values
+
+# SAC from scratch alone, at a tiny budget: a run is a few seconds.
+BASELINE_ONLY = [
+    "stages=[baseline]", "network.actor_hidden=[16,16]", "network.critic_hidden=[16,16]", "baseline.frames=200",
+    "baseline.init_random_frames=100", "baseline.eval_every=100", "baseline.eval_episodes=1", "baseline.batch_size=32",
+]
+
+
+def folders(tmp_path):
+    return [f"output_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}"]
+
+
+def test_values_and_seeds_parse():
+    assert split_values("fixed,annealed") == ["fixed", "annealed"]
+    assert split_values("[64,64],[128,128]") == ["[64,64]", "[128,128]"]
+    assert split_values("{a: 1, b: 2}") == ["{a: 1, b: 2}"]
+    assert parse_seeds("0-3") == [0, 1, 2, 3] and parse_seeds("0,5,7-8") == [0, 5, 7, 8]
+    for bad in ("x", "3-1", "1,1"):
+        with pytest.raises(ConfigError):
+            parse_seeds(bad)
+
+
+def test_the_runs_are_the_product_of_the_axes_setting_by_setting(tmp_path):
+    sweep = Sweep.from_args(None, "0-1", ["finetune.mixing=fixed,merged", "offline.loss.cql_weight=1,5", *folders(tmp_path)])
+    assert [(run.setting, run.seed, run.overrides) for run in sweep.runs] == [
+        (0, 0, {"finetune.mixing": "fixed", "offline.loss.cql_weight": "1"}),
+        (0, 1, {"finetune.mixing": "fixed", "offline.loss.cql_weight": "1"}),
+        (1, 0, {"finetune.mixing": "fixed", "offline.loss.cql_weight": "5"}),
+        (1, 1, {"finetune.mixing": "fixed", "offline.loss.cql_weight": "5"}),
+        (2, 0, {"finetune.mixing": "merged", "offline.loss.cql_weight": "1"}),
+        (2, 1, {"finetune.mixing": "merged", "offline.loss.cql_weight": "1"}),
+        (3, 0, {"finetune.mixing": "merged", "offline.loss.cql_weight": "5"}),
+        (3, 1, {"finetune.mixing": "merged", "offline.loss.cql_weight": "5"}),
+    ]
+    cfg = sweep.run_config(sweep.runs[5].overrides, 1)
+    assert (cfg.finetune.mixing, cfg.offline.loss.cql_weight, cfg.seed) == ("merged", 1.0, 1)
+    assert cfg.cache_dir == str((tmp_path / "cache").resolve())  # every run, on every node, finds the same cache
+
+
+@pytest.mark.parametrize("assignments, message", [
+    (["finetune.mixng=fixed,merged"], "unknown config key(s) finetune.mixng"),
+    (["seed=1,2"], "seeds are an axis of their own"),
+    (["offline.updates=10,x"], "offline.updates must be an integer, got 'x'"),
+])
+def test_a_bad_sweep_fails_before_any_run(tmp_path, capsys, assignments, message):
+    assert main(["sweep", *assignments, *folders(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_sweep_from_a_yaml_file(tmp_path):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text("config: smoke\nseeds: 0-2\ntitle: Mixing\naxes:\n  finetune.mixing: [fixed, merged]\n"
+                    "  network.actor_hidden: [[32, 32], [64, 64]]\noverrides:\n  offline.updates: 50\n")
+    sweep = Sweep.from_yaml(spec, sweep_dir=str(tmp_path / "s"))
+    assert len(sweep.runs) == 12 and sweep.title == "Mixing"
+    cfg = sweep.run_config(sweep.runs[-1].overrides, 2)
+    assert (cfg.network.actor_hidden, cfg.finetune.mixing, cfg.offline.updates) == ((64, 64), "merged", 50)
+
+
+def test_a_failing_run_is_one_line_and_the_others_finish(tmp_path, dataset_store, capsys):
+    from cqlsac.datasets import create_dataset
+
+    create_dataset("test/there-v0", ["random"], 100, env_id="Pendulum-v1")
+    args = ["sweep", "stages=[dataset]", "dataset.name=test/there-v0,test/gone-v0", *folders(tmp_path)]
+    assert main(args) == 1  # not every run finished
+    sweep_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    runs = json.loads((sweep_dir / "sweep.json").read_text())["runs"]
+    assert [run["status"] for run in runs] == ["finished", "failed"]
+    assert runs[1]["error"].startswith("dataset 'test/gone-v0' is not in the local Minari store")
+    report = (sweep_dir / "report.md").read_text()
+    assert "Runs: 1 finished, 1 failed, 0 interrupted" in report and "test/gone-v0, seed 0: failed" in report
+
+
+def sweep_command(tmp_path, *extra):
+    return [sys.executable, "-m", "cqlsac.pipeline.cli", "sweep", "--seeds", "0-1", "baseline.batch_size=16,32",
+            *BASELINE_ONLY[:-1], "--workers", "1", f"output_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}",
+            *extra]
+
+
+def test_a_killed_sweep_resumes_keeping_its_finished_runs(tmp_path):
+    proc = subprocess.Popen(sweep_command(tmp_path, "--threads=1"), cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    record_path = None
+    while proc.poll() is None:
+        found = list((tmp_path / "runs" / "sweeps").glob("*/sweep.json"))
+        if found and any(run["status"] == "finished" for run in json.loads(found[0].read_text())["runs"]):
+            record_path = found[0]
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its worker, mid-run
+    proc.wait()
+    assert record_path is not None
+    sweep_dir = record_path.parent
+    before = {(r["setting"], r["seed"]): r for r in json.loads(record_path.read_text())["runs"]}
+    finished = [key for key, run in before.items() if run["status"] == "finished"]
+    assert 1 <= len(finished) < 4
+
+    done = subprocess.run([sys.executable, "-m", "cqlsac.pipeline.cli", "sweep", "--resume", str(sweep_dir)],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = {(r["setting"], r["seed"]): r for r in json.loads(record_path.read_text())["runs"]}
+    assert all(run["status"] == "finished" for run in after.values())
+    for key in finished:  # kept as they were, not run again
+        assert after[key]["summary"] == before[key]["summary"]
+
+
+def test_ctrl_c_stops_the_whole_sweep_with_status_130(tmp_path):
+    proc = subprocess.Popen(sweep_command(tmp_path), cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not list((tmp_path / "runs" / "sweeps").glob("*/runs/00-seed0/config.yaml")):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the terminal's foreground group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "stopped; finished runs are kept; resume with `cqlsac sweep --resume" in err
+    (record,) = (tmp_path / "runs" / "sweeps").glob("*/sweep.json")
+    statuses = {run["status"] for run in json.loads(record.read_text())["runs"]}
+    assert "interrupted" in statuses and "pending" not in statuses
+
+
+def test_the_ray_backend_gives_the_local_backends_numbers(tmp_path):
+    pytest.importorskip("ray")
+
+    def sweep(backend):
+        folder = tmp_path / backend
+        result = Sweep.from_args(None, "0-1", BASELINE_ONLY + [f"output_dir={folder}", f"cache_dir={folder / 'cache'}"],
+                                 workers=2, threads=1, backend=backend).run()
+        return [(run["seed"], run["summary"]["baseline_evals"]) for run in result["runs"]]
+
+    local = sweep("local")
+    assert sweep("ray") == local and len(local) == 2
