@@ -151,12 +151,23 @@ def load_module_state(path: str | os.PathLike, state: dict, module: torch.nn.Mod
         raise CheckpointError(f"checkpoint {path} does not fit this config's networks ({reason}); {fix}") from None
 
 
-def save_agent(path: str | os.PathLike, loss: torch.nn.Module) -> None:
-    """The whole trained agent (the loss module's state), for the stage that continues from it."""
-    atomic_torch_save({"kind": AGENT, "loss": loss.state_dict()}, path)
+def save_agent(path: str | os.PathLike, loss: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The whole trained agent (the loss module's state and its optimiser's), for the stage that continues from it."""
+    atomic_torch_save({"kind": AGENT, "loss": loss.state_dict(), "optimizer": optimizer.state_dict()}, path)
 
 
-def load_agent(path: str | os.PathLike, loss: torch.nn.Module) -> None:
-    """Load an agent saved by `save_agent` into `loss`."""
+def load_agent(path: str | os.PathLike, loss: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Load an agent saved by `save_agent` into `loss`; with `optimizer`, its moments and step counts too
+    (the optimiser's learning rates stay its own)."""
     fix = "delete the stage folder that holds it to train that stage again"
-    load_module_state(path, read_checkpoint(path, AGENT, fix)["loss"], loss, fix)
+    state = read_checkpoint(path, AGENT, fix)
+    load_module_state(path, state["loss"], loss, fix)
+    if optimizer is not None:
+        rates = [group["lr"] for group in optimizer.param_groups]
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"the optimiser state in {path} does not fit this agent's ({exc}); train without "
+                                  "keeping it (finetune.keep_optimizer=false) or make both losses alike") from None
+        for group, rate in zip(optimizer.param_groups, rates):
+            group["lr"] = rate

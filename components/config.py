@@ -74,6 +74,12 @@ class LossConfig:
     """Initial alpha' of the Lagrange form."""
     calibrated: bool = False
     """Cal-QL: policy-action Q-values in the logsumexp are bounded below by the Monte-Carlo return-to-go."""
+    target_subset: int | None = None
+    """The TD target's minimum runs over this many target critics, drawn at random each update
+    (REDQ, RLPD; null: over all of them)."""
+    actor_q: Literal["min", "mean"] = "min"
+    """How the actor combines the critics' values: their minimum (clipped double-Q) or their mean
+    (REDQ and RLPD with large ensembles)."""
     bc_steps: int = 0
     """Behaviour-cloning warm start: the actor maximises log pi(a_data|s) for the first K updates."""
     initial_alpha: float = 1.0
@@ -91,6 +97,7 @@ class LossConfig:
             "initial_alpha_prime": self.initial_alpha_prime > 0,
             "initial_alpha": self.initial_alpha > 0,
             "bc_steps": self.bc_steps >= 0,
+            "target_subset": self.target_subset is None or self.target_subset >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -115,6 +122,9 @@ class OptimConfig:
     """Polyak rate: target <- (1 - tau) target + tau online, after every update."""
     critic_grad_clip: float | None = None
     """Clip the gradient norm of each critic to this before the step (null: no clipping)."""
+    actor_every: int = 1
+    """The actor and the temperature are updated at every k-th update, the critics at every one (several
+    critic updates per actor update, as WSRL and RLPD make them)."""
 
     def __post_init__(self):
         for name in ("actor_lr", "critic_lr", "alpha_lr", "alpha_prime_lr"):
@@ -122,5 +132,7 @@ class OptimConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.tau <= 1:
             raise ValueError(f"tau must be in (0, 1], got {self.tau}")
+        if self.actor_every < 1:
+            raise ValueError(f"actor_every must be at least 1, got {self.actor_every}")
         if self.critic_grad_clip is not None and not self.critic_grad_clip > 0:
             raise ValueError(f"critic_grad_clip must be positive or null, got {self.critic_grad_clip}")

@@ -71,6 +71,8 @@ class CQLSACLoss(LossModule):
         self.critic_network = critic
         if not isinstance(critic.module, EnsembleMLP):
             raise TypeError("critic must be a ValueOperator around EnsembleMLP (see make_critics)")
+        if cfg.target_subset is not None and cfg.target_subset > critic.module.num_members:
+            raise ValueError(f"target_subset={cfg.target_subset} is more than the {critic.module.num_members} critics")
         self.target_critic = copy.deepcopy(critic.module).requires_grad_(False)  # Polyak target
         action_spec = actor.spec["action"]
         self.discrete = is_discrete(action_spec)
@@ -174,9 +176,12 @@ class CQLSACLoss(LossModule):
 
     def draw_noise(self, batch_size: int, device=None) -> dict[str, torch.Tensor]:
         """All randomness of one loss evaluation, drawn up front so that it can be replayed in tests.
-        Discrete actions need none: their expectations are exact sums over the actions."""
+        Discrete actions need none but the critic subset: their expectations are exact sums over the actions."""
+        subset = {}
+        if self.cfg.target_subset is not None:  # one random subset of target critics per update (REDQ)
+            subset["critic_subset"] = torch.randperm(self.critic.num_members, device=device)[:self.cfg.target_subset]
         if self.discrete:
-            return {}
+            return subset
         act_dim = self.action_low.shape[-1]
         n = self.cfg.num_actions
         like = {"device": self.action_low.device if device is None else device, "dtype": self.action_low.dtype}
@@ -188,7 +193,7 @@ class CQLSACLoss(LossModule):
             noise["cql_current"] = torch.randn(batch_size, n, act_dim, **like)
             noise["cql_next"] = torch.randn(batch_size, n, act_dim, **like)
             noise["uniform"] = torch.rand(batch_size, n, act_dim, **like)
-        return noise
+        return {**noise, **subset}
 
     # --- the loss -------------------------------------------------------------------------
     def forward(self, tensordict: TensorDictBase) -> TensorDict:
@@ -256,13 +261,23 @@ class CQLSACLoss(LossModule):
         if self.discrete:
             log_probs = F.log_softmax(policy, -1)  # [B, n]
             probs = log_probs.exp()
-            q_min = q_obs.detach().min(-1).values  # [B, n]
-            return (probs * log_probs).sum(-1), (probs * q_min).sum(-1)
+            q_value = self._combine_for_actor(q_obs.detach())  # [B, n]
+            return (probs * log_probs).sum(-1), (probs * q_value).sum(-1)
         detached_w = [w.detach() for w in self.critic.weights]
         detached_b = [b.detach() for b in self.critic.biases]
         action_pi, log_pi = self.squashed_sample(*policy, noise["actor"])
         q_pi = self.critic.evaluate(obs, action_pi.unsqueeze(1), detached_w, detached_b).squeeze(1)
-        return log_pi, q_pi.min(-1).values
+        return log_pi, self._combine_for_actor(q_pi)
+
+    def _combine_for_actor(self, q):
+        """The critics' values for the actor: their minimum (clipped double-Q) or their mean (`actor_q`)."""
+        return q.mean(-1) if self.cfg.actor_q == "mean" else q.min(-1).values
+
+    def _target_min(self, q, noise):
+        """Min over the target critics, or over the update's random subset of them (`target_subset`)."""
+        if self.cfg.target_subset is not None:
+            q = q.index_select(-1, noise["critic_subset"])
+        return q.min(-1).values
 
     def _next_value(self, next_obs, next_policy, noise, alpha):
         """min_j Q̄_j(s', a') - beta alpha log pi(a'|s') at a' ~ pi(.|s') (its expectation over the
@@ -270,14 +285,14 @@ class CQLSACLoss(LossModule):
         beta = float(self.cfg.backup_entropy)
         if self.discrete:
             next_log_pi = F.log_softmax(next_policy, -1)  # [B, n]
-            next_q = self.target_critic.evaluate_all(next_obs).min(-1).values  # [B, n]
+            next_q = self._target_min(self.target_critic.evaluate_all(next_obs), noise)  # [B, n]
             soft_next = next_q - beta * alpha * next_log_pi
             if self.cfg.max_q_backup:
                 return soft_next.gather(-1, next_q.argmax(-1, keepdim=True))
             return (next_log_pi.exp() * soft_next).sum(-1, keepdim=True)
         loc_next, scale_next = next_policy
         next_actions, next_log_pi = self.squashed_sample(loc_next.unsqueeze(1), scale_next.unsqueeze(1), noise["next"])
-        next_q = self.target_critic.evaluate(next_obs, next_actions).min(-1).values  # [B, M]
+        next_q = self._target_min(self.target_critic.evaluate(next_obs, next_actions), noise)  # [B, M]
         soft_next = next_q - beta * alpha * next_log_pi
         chosen = next_q.argmax(-1, keepdim=True)  # M = 1 without the max-Q backup
         return soft_next.gather(-1, chosen)

@@ -42,6 +42,8 @@ class OnlineReplay:
         self.buffer.extend(frames.reshape(-1))
 
     def ready(self, frames_collected: int) -> bool:
+        """Once `warmup_frames` are in; the batch that completes them owes its updates too (SAC's warm-up
+        of random frames as the pipeline has always counted it)."""
         return frames_collected >= self.warmup_frames
 
     def sample(self, progress: float = 0.0) -> TensorDictBase:
@@ -93,13 +95,14 @@ class MixedReplay:
     draw from their union, while the offline rows stay in their memory-mapped storage.
     While the online buffer is empty every batch is offline. Only `keys` are kept, so that the
     two sources concatenate. With `episodes`, online steps join the buffer when their episode ends,
-    with their return-to-go.
+    with their return-to-go. No update is made before `warmup_frames` are collected (WSRL's warm-up).
     """
 
     def __init__(self, offline: ReplayBuffer, online: ReplayBuffer, batch_size: int, keys: list,
                  start_fraction: float = 0.0, end_fraction: float | None = None, merged: bool = False,
-                 episodes: EpisodeAccumulator | None = None):
+                 episodes: EpisodeAccumulator | None = None, warmup_frames: int = 0):
         self.offline, self.buffer = offline, online
+        self.warmup_frames = warmup_frames
         self.batch_size, self.keys, self.merged = batch_size, keys, merged
         self.start_fraction = start_fraction
         self.end_fraction = start_fraction if end_fraction is None else end_fraction
@@ -119,7 +122,9 @@ class MixedReplay:
             self.buffer.extend(completed)
 
     def ready(self, frames_collected: int) -> bool:
-        return True  # offline rows fill every batch until online ones arrive
+        """Once frames beyond the warm-up come in (none by default: offline rows fill every batch until
+        online ones arrive); the frames of the warm-up owe no update."""
+        return frames_collected > self.warmup_frames
 
     def offline_fraction(self, progress: float) -> float:
         if self.merged:

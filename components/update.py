@@ -50,15 +50,17 @@ def clip_grad_norm_per_member(ensemble: torch.nn.Module, max_norm: float) -> Non
 
 
 def update_step(loss: CQLSACLoss, optimizer: torch.optim.Optimizer, batch: TensorDictBase, tau: float,
-                critic_grad_clip: float | None = None) -> TensorDict:
+                critic_grad_clip: float | None = None, update_actor: bool = True) -> TensorDict:
     """One gradient update of actor, critics, temperature (and alpha'); returns the loss TensorDict.
 
     The losses are summed and back-propagated once: each one reaches only its own parameters
     (see `CQLSACLoss`), so this equals separate backward passes per loss. With `critic_grad_clip`,
-    each critic's gradient norm is clipped before the step.
+    each critic's gradient norm is clipped before the step. Without `update_actor`, the actor and
+    temperature losses are left out, so their parameters have no gradient and Adam leaves them be.
     """
     losses = loss(batch)
-    total = sum(value for key, value in losses.items() if key.startswith("loss_"))
+    skipped = () if update_actor else ("loss_actor", "loss_alpha")
+    total = sum(value for key, value in losses.items() if key.startswith("loss_") and key not in skipped)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     if critic_grad_clip is not None:
@@ -72,20 +74,23 @@ def update_step(loss: CQLSACLoss, optimizer: torch.optim.Optimizer, batch: Tenso
 @dataclass
 class Agent:
     """What a training loop updates: the loss module (actor, critics, targets, temperatures), its
-    optimiser, the Polyak rate of the target critics and the critics' gradient clipping."""
+    optimiser and how it is stepped (`OptimConfig`: Polyak rate, gradient clipping, actor every k-th update)."""
 
     loss: CQLSACLoss
     optimizer: torch.optim.Optimizer
     tau: float
     critic_grad_clip: float | None = None
+    actor_every: int = 1
 
     @property
     def actor(self):
         return self.loss.actor_network
 
     def update(self, batch: TensorDictBase) -> TensorDict:
-        """One `update_step` on `batch`; returns the detached losses and diagnostics."""
-        return update_step(self.loss, self.optimizer, batch, self.tau, self.critic_grad_clip)
+        """One `update_step` on `batch` (the actor's part on every `actor_every`-th); returns the detached
+        losses and diagnostics."""
+        update_actor = self.actor_every == 1 or int(self.loss.update_count) % self.actor_every == self.actor_every - 1
+        return update_step(self.loss, self.optimizer, batch, self.tau, self.critic_grad_clip, update_actor)
 
 
 def make_agent(env: EnvBase, network: NetworkConfig, loss: LossConfig, optim: OptimConfig,
@@ -95,7 +100,7 @@ def make_agent(env: EnvBase, network: NetworkConfig, loss: LossConfig, optim: Op
     obs_spec, act_spec = env.observation_spec["observation"], env.action_spec
     module = CQLSACLoss(make_actor(obs_spec, act_spec, network), make_critics(obs_spec, act_spec, network), loss,
                         compile=compile)
-    return Agent(module, make_optimizer(module, optim), optim.tau, optim.critic_grad_clip)
+    return Agent(module, make_optimizer(module, optim), optim.tau, optim.critic_grad_clip, optim.actor_every)
 
 
 def cuda_graph_update(loss: CQLSACLoss, optimizer: torch.optim.Optimizer, tau: float,

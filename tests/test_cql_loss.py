@@ -26,11 +26,11 @@ HIGH = torch.tensor([2.0, 3.0])
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def build_loss(seed=0, dtype=torch.float64, critic_hidden=(8, 8), **options) -> CQLSACLoss:
+def build_loss(seed=0, dtype=torch.float64, critic_hidden=(8, 8), num_critics=2, **options) -> CQLSACLoss:
     torch.manual_seed(seed)
     obs_spec = Unbounded(shape=(OBS_DIM,))
     act_spec = Bounded(low=LOW, high=HIGH, shape=(ACT_DIM,))
-    net = NetworkConfig(actor_hidden=(8, 8), critic_hidden=critic_hidden)
+    net = NetworkConfig(actor_hidden=(8, 8), critic_hidden=critic_hidden, num_critics=num_critics)
     loss = CQLSACLoss(make_actor(obs_spec, act_spec, net), make_critics(obs_spec, act_spec, net),
                       LossConfig(**{"num_actions": 3, **options}))
     with torch.no_grad():
@@ -101,6 +101,7 @@ def reference_losses(loss, batch, noise):
     alpha = loss.log_alpha.exp()
     entropy_target = -ACT_DIM if cfg.target_entropy is None else cfg.target_entropy
     n_batch = batch.shape[0]
+    target_members = noise["critic_subset"].tolist() if cfg.target_subset is not None else members
     actor_terms, alpha_terms, targets_y = [], [], []
     for b in range(n_batch):
         s, s_next = batch["observation"][b], batch["next", "observation"][b]
@@ -108,13 +109,14 @@ def reference_losses(loss, batch, noise):
         if int(loss.update_count) < cfg.bc_steps:
             objective = ref_log_prob(loss, s, batch["action"][b])
         else:
-            objective = min(ref_q(critics, i, s, a_pi) for i in members)
+            values = [ref_q(critics, i, s, a_pi) for i in members]
+            objective = sum(values) / len(values) if cfg.actor_q == "mean" else min(values)
         actor_terms.append(alpha * logp_pi - objective)
         alpha_terms.append(-loss.log_alpha * (logp_pi + entropy_target))
         candidates = []
         for m in range(noise["next"].shape[1]):
             a_next, logp_next = ref_sample(loss, s_next, noise["next"][b, m])
-            q_min = min(ref_q(targets, i, s_next, a_next) for i in members)
+            q_min = min(ref_q(targets, i, s_next, a_next) for i in target_members)
             candidates.append((q_min, q_min - float(cfg.backup_entropy) * alpha * logp_next))
         next_value = max(candidates, key=lambda c: c[0])[1]
         not_terminated = 1.0 - float(batch["next", "terminated"][b])
@@ -174,6 +176,22 @@ def test_module_matches_plain_reference(options):
     loss = build_loss(**options)
     batch = make_batch()
     noise = loss.draw_noise(BATCH)
+    got = loss.compute(batch, noise)
+    with torch.no_grad():
+        expected = reference_losses(loss, batch, noise)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value.to(got[key]), **TOL, msg=f"{key} differs")
+
+
+@pytest.mark.parametrize("options", [dict(target_subset=2), dict(actor_q="mean"),
+                                     dict(target_subset=3, actor_q="mean", max_q_backup=True, lagrange=True)])
+def test_critic_ensembles_with_random_subset_targets_match_the_reference(options):
+    loss = build_loss(num_critics=5, **options)
+    batch = make_batch()
+    noise = loss.draw_noise(BATCH)
+    if "target_subset" in options:
+        subset = noise["critic_subset"].tolist()
+        assert len(subset) == options["target_subset"] == len(set(subset)) and set(subset) <= set(range(5))
     got = loss.compute(batch, noise)
     with torch.no_grad():
         expected = reference_losses(loss, batch, noise)

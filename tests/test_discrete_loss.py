@@ -24,11 +24,11 @@ OBS_DIM, NUM_ACTIONS, BATCH = 3, 4, 5
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def build_loss(seed=0, **options) -> CQLSACLoss:
+def build_loss(seed=0, num_critics=2, **options) -> CQLSACLoss:
     torch.manual_seed(seed)
     obs_spec = Unbounded(shape=(OBS_DIM,))
     act_spec = CategoricalSpec(NUM_ACTIONS)
-    net = NetworkConfig(actor_hidden=(8, 8), critic_hidden=(8, 8))
+    net = NetworkConfig(actor_hidden=(8, 8), critic_hidden=(8, 8), num_critics=num_critics)
     loss = CQLSACLoss(make_actor(obs_spec, act_spec, net), make_critics(obs_spec, act_spec, net), LossConfig(**options))
     with torch.no_grad():
         for p in loss.target_critic.parameters():
@@ -70,8 +70,9 @@ def ref_policy(loss, obs) -> Categorical:
     return Categorical(logits=logits)
 
 
-def reference_losses(loss, batch) -> dict:
+def reference_losses(loss, batch, noise=None) -> dict:
     cfg = loss.cfg
+    target_members = noise["critic_subset"].tolist() if cfg.target_subset is not None else range(loss.critic.num_members)
     alpha = loss.log_alpha.exp()
     members = range(loss.critic.num_members)
     entropy = cfg.target_entropy if cfg.target_entropy is not None else 0.98 * math.log(NUM_ACTIONS)
@@ -81,7 +82,8 @@ def reference_losses(loss, batch) -> dict:
     for b in range(batch.shape[0]):
         s, a = batch["observation"][b], int(batch["action"][b])
         pi = ref_policy(loss, s)
-        q_min = torch.stack([ref_q_values(loss.critic, e, s) for e in members]).min(0).values
+        q_each = torch.stack([ref_q_values(loss.critic, e, s) for e in members])
+        q_min = q_each.mean(0) if cfg.actor_q == "mean" else q_each.min(0).values
         expected_log_pi = sum(pi.probs[k] * pi.log_prob(torch.tensor(k)) for k in range(NUM_ACTIONS))
         value = sum(pi.probs[k] * q_min[k] for k in range(NUM_ACTIONS))
         if cfg.bc_steps and int(loss.update_count) < cfg.bc_steps:
@@ -92,7 +94,7 @@ def reference_losses(loss, batch) -> dict:
         # TD target.
         s2 = batch["next", "observation"][b]
         pi2 = ref_policy(loss, s2)
-        q2 = torch.stack([ref_q_values(loss.target_critic, e, s2) for e in members]).min(0).values
+        q2 = torch.stack([ref_q_values(loss.target_critic, e, s2) for e in target_members]).min(0).values
         soft = [q2[k] - float(cfg.backup_entropy) * alpha * pi2.log_prob(torch.tensor(k)) for k in range(NUM_ACTIONS)]
         if cfg.max_q_backup:
             next_value = soft[int(q2.argmax())]
@@ -145,6 +147,19 @@ def test_module_matches_plain_reference(options):
     got = loss.compute(batch, loss.draw_noise(BATCH))
     with torch.no_grad():
         expected = reference_losses(loss, batch)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], torch.as_tensor(value).to(got[key]), **TOL, msg=f"{key} differs")
+
+
+@pytest.mark.parametrize("options", [dict(target_subset=2), dict(actor_q="mean", target_subset=3, lagrange=True)])
+def test_critic_ensembles_with_random_subset_targets_match_the_reference(options):
+    loss = build_loss(num_critics=5, **options)
+    batch = make_batch()
+    noise = loss.draw_noise(BATCH)
+    assert set(noise) == {"critic_subset"}
+    got = loss.compute(batch, noise)
+    with torch.no_grad():
+        expected = reference_losses(loss, batch, noise)
     for key, value in expected.items():
         torch.testing.assert_close(got[key], torch.as_tensor(value).to(got[key]), **TOL, msg=f"{key} differs")
 

@@ -91,3 +91,26 @@ def test_update_step_is_adams_first_step_on_each_loss_then_polyak(options):
     for target, value in zip(loss.target_critic.parameters(), expected_targets):
         torch.testing.assert_close(target, value, rtol=1e-5, atol=1e-6)
     assert int(loss.update_count) == 1
+
+
+def test_with_actor_every_k_the_actor_and_temperature_move_on_every_kth_update_only():
+    from cqlsac.components.envs import make_env
+    from cqlsac.components.update import make_agent
+
+    torch.manual_seed(0)
+    agent = make_agent(make_env("Pendulum-v1"), NetworkConfig(actor_hidden=(8,), critic_hidden=(8,)), LossConfig(),
+                       OptimConfig(actor_every=3))
+    batch = TensorDict({"observation": torch.randn(16, 3), "action": torch.rand(16, 1) * 4 - 2,
+                        "next": {"observation": torch.randn(16, 3), "reward": torch.randn(16, 1),
+                                 "done": torch.zeros(16, 1, dtype=torch.bool),
+                                 "terminated": torch.zeros(16, 1, dtype=torch.bool)}}, [16])
+    actor_moves, critic_moves = [], []
+    for _ in range(6):
+        actor, critic = ([p.detach().clone() for p in module.parameters()]
+                         for module in (agent.loss.actor_network, agent.loss.critic_network))
+        alpha = agent.loss.log_alpha.detach().clone()
+        agent.update(batch)
+        actor_moves.append(any(not torch.equal(a, b) for a, b in zip(actor, agent.loss.actor_network.parameters()))
+                           and not torch.equal(alpha, agent.loss.log_alpha))
+        critic_moves.append(any(not torch.equal(a, b) for a, b in zip(critic, agent.loss.critic_network.parameters())))
+    assert actor_moves == [False, False, True, False, False, True] and all(critic_moves)
