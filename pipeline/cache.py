@@ -25,7 +25,7 @@ from cqlsac.pipeline.supervision import STATE_SUFFIX, stop_if_requested
 
 OUTPUTS = "outputs.json"  # written last by a stage that finished: its presence marks the stage done
 # Fields that change how a run is watched or where it writes, never what a stage computes.
-UNKEYED = ("checkpoints", "q_value_bound", "logger", "output_dir", "cache_dir", "stages")
+UNKEYED = ("checkpoints", "q_value_bound", "logger", "output_dir", "cache_dir", "stages", "report")
 
 
 class UndeclaredConfigRead(AttributeError):

@@ -204,12 +204,23 @@ class FinetuneConfig(OnlineConfig):
     """CQL weight after the switch to online data; null keeps the offline weight (docs/results.md)."""
     calibrated: bool = False
     """Cal-QL after the switch (needs a CQL weight above 0)."""
+    warmup_frames: int = 0
+    """Frames the starting policy collects before any update (WSRL's warm-up; a multiple of frames_per_batch)."""
+    keep_optimizer: bool = False
+    """Carry the offline optimiser's moments and step counts over the switch (WSRL restores them); false
+    starts a fresh Adam."""
 
     def __post_init__(self):
         super().__post_init__()
         for name in ("offline_fraction", "offline_fraction_end"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"finetune.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.warmup_frames < 0 or self.warmup_frames % self.frames_per_batch:
+            raise ConfigError(f"finetune.warmup_frames ({self.warmup_frames}) must be a multiple of "
+                              f"finetune.frames_per_batch ({self.frames_per_batch}), zero or more")
+        if self.keep_optimizer and self.start == "scratch":
+            raise ConfigError("finetune.keep_optimizer carries the offline optimiser over; finetune.start=scratch "
+                              "has none")
 
 
 @dataclass
@@ -266,6 +277,23 @@ class CheckpointConfig:
                 raise ConfigError(f"checkpoints.{name} must be at least 1, got {getattr(self, name)}")
 
 
+@dataclass
+class ReportConfig:
+    """What the report adds to the evaluation curves. No stage's cache key covers it."""
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    episode_return_level: float | None = None
+    """A training return level: the report counts the training episodes fine-tuning and SAC from scratch
+    need until the mean return of their last `episode_window` episodes first reaches it (the seed's
+    measure; null: not counted)."""
+    episode_window: int = 20
+    """Training episodes averaged for `episode_return_level`."""
+
+    def __post_init__(self):
+        check_numbers(self, "report", positive=("episode_window",))
+
+
 def default_stages() -> list[str]:
     return ["pretrain", "dataset", "offline", "finetune", "baseline", "evaluate"]
 
@@ -278,6 +306,9 @@ class PipelineConfig:
 
     seed: int = 0
     """Seed of every stage (each stage adds its own offset)."""
+    recipe: str | None = None
+    """A fine-tuning recipe bundled with cqlsac (cql, calql, seed, wsrl, rlpd): its settings lie under
+    the config file's and the overrides (docs/recipes.md)."""
     stages: list[str] = field(default_factory=default_stages)
     """Stages to run; the stages they read run first (or are reused)."""
     output_dir: str = "runs"
@@ -297,6 +328,7 @@ class PipelineConfig:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     q_value_bound: float = 1e4
     """A mean Q-value beyond +-this is reported once as a warning (critics diverging); training goes on."""
     compile: bool = False
@@ -310,6 +342,10 @@ class PipelineConfig:
             raise ConfigError(f"q_value_bound must be positive, got {self.q_value_bound}")
         if self.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("logger: tensorboard is not installed; `pip install tensorboard` or use logger=csv")
+        for key, loss in (("offline.loss", self.offline.loss), ("finetune", finetune_loss(self.offline.loss, self.finetune))):
+            if loss.target_subset is not None and loss.target_subset > self.network.num_critics:
+                raise ConfigError(f"{key}.target_subset ({loss.target_subset}) is more than network.num_critics "
+                                  f"({self.network.num_critics})")
         if self.finetune.calibrated and finetune_loss(self.offline.loss, self.finetune).cql_weight == 0:
             raise ConfigError("finetune.calibrated: Cal-QL changes the CQL penalty, which finetune.cql_weight = 0 "
                               "turns off; set finetune.cql_weight > 0 (or null to keep the offline weight)")
@@ -330,6 +366,8 @@ class PipelineConfig:
             if key in seen:
                 raise ConfigError(f"{key} is given twice ({seen[key]!r} and {override!r}); give it once")
             seen[key] = override
+        if data.get("recipe") is not None:
+            data = merge_over(read_yaml(recipe_path(data["recipe"])), data)
         return cls.from_dict(data)
 
     def to_dict(self) -> dict:
@@ -386,10 +424,26 @@ def resolve_config_path(path: str | Path) -> Path:
     raise ConfigError(f"config file {path} does not exist (bundled configs: {', '.join(sorted(bundled))})")
 
 
-def bundled_configs() -> dict[str, Path]:
-    """The example configs installed with cqlsac, by name."""
-    folder = importlib.resources.files("cqlsac.configs")
+def bundled_configs(package: str = "cqlsac.configs") -> dict[str, Path]:
+    """The example configs (or recipes) installed with cqlsac, by name."""
+    folder = importlib.resources.files(package)
     return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".yaml")}
+
+
+def recipe_path(name: str) -> Path:
+    recipes = bundled_configs("cqlsac.configs.recipes")
+    if name not in recipes:
+        raise ConfigError(f"recipe must be one of {sorted(recipes)}, got {name!r}")
+    return recipes[name]
+
+
+def merge_over(base: dict, update: dict) -> dict:
+    """`update` laid over `base`, section by section."""
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = (merge_over(base[key], value) if isinstance(base.get(key), dict) and isinstance(value, dict)
+                       else value)
+    return merged
 
 
 def read_yaml(path: Path) -> dict:

@@ -39,6 +39,26 @@ def finetune_comparison(evals: list | None, baseline: list | None, random_return
     return out
 
 
+def episodes_to_level(episodes: list | None, level: float, window: int) -> int | None:
+    """Training episodes until the mean return of the last `window` first reaches `level` (None: never)."""
+    returns = [episode[1] for episode in episodes or []]
+    for count in range(window, len(returns) + 1):
+        if sum(returns[count - window:count]) / window >= level:
+            return count
+    return None
+
+
+def episode_comparison(finetune: dict, baseline: dict, level: float | None, window: int) -> dict:
+    """The seed's measure: training episodes to reach `level`, fine-tuning against SAC from scratch."""
+    if level is None or "episodes" not in finetune or "episodes" not in baseline:
+        return {}
+    ours, sac = (episodes_to_level(out["episodes"], level, window) for out in (finetune, baseline))
+    ratio = None if ours is None or sac is None else ours / sac
+    return {"episode_return_level": level, "episode_window": window, "finetune_episodes_to_level": ours,
+            "sac_episodes_to_level": sac, "episode_ratio": ratio,
+            "finetune_episodes": len(finetune["episodes"]), "sac_episodes": len(baseline["episodes"])}
+
+
 def summarize(pipe) -> dict:
     """Every figure of the run, as data; `report.md` and `cqlsac report` read it."""
     outputs, cfg = pipe.outputs, pipe.cfg
@@ -61,6 +81,9 @@ def summarize(pipe) -> dict:
         "ref_max_score_from": dataset.get("ref_max_score_from"),
         **finetune_comparison(finetune.get("evals"), baseline.get("evals"),
                               outputs.get("pretrain", {}).get("random_return")),
+        **episode_comparison(finetune, baseline, cfg.report.episode_return_level, cfg.report.episode_window),
+        "final_lowest_window_mean": evaluate.get("lowest_window_mean"),
+        "pretrain_episodes": len(outputs["pretrain"]["episodes"]) if "episodes" in outputs.get("pretrain", {}) else None,
         "finetune_evals": finetune.get("evals"),
         "baseline_evals": baseline.get("evals"),
         "eval_episodes": {"finetune": cfg.finetune.eval_episodes, "baseline": cfg.baseline.eval_episodes,
@@ -116,6 +139,18 @@ def result_rows(summary: dict) -> list[tuple[str, str]]:
                 if summary[f"finetune_step_fraction{suffix}_trivial"]:
                     value += " (trivial: the offline policy was there before any online step)"
             rows.append((f"fine-tuning reaches {what}", value))
+    if "episode_ratio" in summary:
+        level, window = summary["episode_return_level"], summary["episode_window"]
+        for who, key, total in (("fine-tuning", "finetune_episodes_to_level", "finetune_episodes"),
+                                ("SAC from scratch", "sac_episodes_to_level", "sac_episodes")):
+            count = summary[key]
+            rows.append((f"{who}: training episodes to {fmt(level)}",
+                         (f"{count}" if count is not None else "never") + f" (mean of the last {window} training "
+                         f"episodes; {summary[total]} episodes in its budget)"))
+        if summary["episode_ratio"] is not None:
+            rows.append(("episodes ratio, fine-tuning / SAC", f"{summary['episode_ratio']:.2f}"))
+    if summary["final_lowest_window_mean"] is not None:
+        rows.append(("lowest mean of 100 consecutive final episodes", fmt(summary["final_lowest_window_mean"])))
     return rows
 
 

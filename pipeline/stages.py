@@ -187,7 +187,7 @@ def run_offline(ctx: StageContext) -> dict:
                   log_every=ocfg.log_every, supervisor=ctx.supervisor(agent, curve))
     mean_return = ctx.mean_return(agent.actor, ctx.cfg.evaluate.episodes)
     ctx.log.scalar("offline/eval_return", mean_return, ocfg.updates)
-    save_agent(ctx.dir / "agent.pt", agent.loss)
+    save_agent(ctx.dir / "agent.pt", agent.loss, agent.optimizer)
     ctx.save_policy(ctx.dir / "policy.pt", agent.actor, ctx.cfg.network, mean_return=mean_return)
     return {"agent": str(ctx.dir / "agent.pt"), "policy": str(ctx.dir / "policy.pt"), "eval_return": mean_return,
             "dataset_id": info.dataset_id, "dataset_mean_return": info.mean_return, "curve": curve.points}
@@ -199,12 +199,13 @@ def run_finetune(ctx: StageContext) -> dict:
     loss_cfg = finetune_loss(cfg.offline.loss, fcfg)
     agent = ctx.agent(loss_cfg, fcfg.optim)
     if fcfg.start == "offline":
-        load_agent(ctx.inputs["offline"]["agent"], agent.loss)
+        load_agent(ctx.inputs["offline"]["agent"], agent.loss, agent.optimizer if fcfg.keep_optimizer else None)
     offline, _ = ctx.offline_replay(None)  # MixedReplay asks for its own share of each batch
     keys = agent.loss.in_keys + ["mc_return"] if "mc_return" not in agent.loss.in_keys else agent.loss.in_keys
     end = fcfg.offline_fraction_end if fcfg.mixing == "annealed" else None
     data = MixedReplay(offline, make_online_buffer(fcfg.frames), fcfg.batch_size, keys, fcfg.offline_fraction, end,
-                       merged=fcfg.mixing == "merged", episodes=EpisodeAccumulator(loss_cfg.gamma, keys))
+                       merged=fcfg.mixing == "merged", episodes=EpisodeAccumulator(loss_cfg.gamma, keys),
+                       warmup_frames=fcfg.warmup_frames)
     evals: list = []
     episodes = EpisodeReturns()
     supervisor = ctx.supervisor(agent, OnlineRecord(data, evals, episodes))
@@ -264,7 +265,9 @@ STAGES = (
           reads=("env", "dataset.preset", "dataset.steps", "dataset.medium_level", "dataset.reference_scores",
                  "dataset.save_as", "pretrain.init_random_frames"),
           version=2, intact=dataset_is_local),
-    Stage("offline", run_offline, inputs=("dataset",), reads=("env", "network", "offline", "evaluate", "compile")),
+    # v2: its agent.pt holds the optimiser's state too (finetune.keep_optimizer).
+    Stage("offline", run_offline, inputs=("dataset",), reads=("env", "network", "offline", "evaluate", "compile"),
+          version=2),
     # v3: the offline policy's point of the fine-tuning curve comes from the fine-tuning evaluation protocol.
     Stage("finetune", run_finetune, inputs=("offline", "dataset"),
           reads=("env", "network", "offline.loss", "finetune", "evaluate.seed", "compile"), version=3),
