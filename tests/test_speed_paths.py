@@ -207,3 +207,38 @@ def test_malloc_tuning_reports_whether_it_applied(monkeypatch):
         assert applied
     # Allocation still works after the change.
     assert torch.ones(8 << 20).sum().item() == 8 << 20
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_the_compiled_loss_computes_what_the_eager_one_does(monkeypatch, discrete):
+    """`compile=True` traces the whole loss (here with the aot_eager backend: the same graph capture and
+    autograd, without inductor's code generation, which costs a minute per graph on 2 cores)."""
+    from functools import partial
+
+    from torchrl.data import Categorical
+
+    monkeypatch.setattr(torch, "compile", partial(torch.compile, backend="aot_eager"))
+    obs_spec = Unbounded(shape=(OBS_DIM,))
+    act_spec = Categorical(3) if discrete else Bounded(low=-1.0, high=1.0, shape=(ACT_DIM,))
+    net = NetworkConfig(actor_hidden=(8,), critic_hidden=(8, 8), critic_layer_norm=True, num_critics=3)
+    losses = []
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        losses.append(CQLSACLoss(make_actor(obs_spec, act_spec, net), make_critics(obs_spec, act_spec, net),
+                                 LossConfig(num_actions=3, target_subset=2, lagrange=True), compile=compile_))
+    batch = TensorDict({"observation": torch.randn(BATCH, OBS_DIM),
+                        "action": torch.randint(3, (BATCH,)) if discrete else torch.rand(BATCH, ACT_DIM) * 2 - 1,
+                        "next": {"observation": torch.randn(BATCH, OBS_DIM), "reward": torch.randn(BATCH, 1),
+                                 "done": torch.zeros(BATCH, 1, dtype=torch.bool),
+                                 "terminated": torch.zeros(BATCH, 1, dtype=torch.bool)}}, [BATCH])
+    torch.manual_seed(1)
+    eager = losses[0](batch)
+    torch.manual_seed(1)
+    compiled = losses[1](batch)
+    for key in eager.keys():
+        torch.testing.assert_close(compiled[key], eager[key])
+    for out in (eager, compiled):
+        sum(value for key, value in out.items() if key.startswith("loss_")).backward()
+    for p, q in zip(losses[0].parameters(), losses[1].parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad)
