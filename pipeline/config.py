@@ -234,6 +234,9 @@ class BaselineConfig(OnlineConfig):
     critic_layer_norm: bool = False
     """Layer-normalised critics for SAC from scratch, whatever `network.critic_layer_norm` gives the
     agent: plain ones learn faster from scratch here, so the comparison is with the stronger learner."""
+    num_critics: int = 2
+    """Critics of SAC from scratch (clipped double-Q), whatever ensemble a recipe gives the agent; the
+    layer sizes are `network`'s."""
     seed_offset: int = 0
     """Added to `seed` for this stage, to run SAC from scratch on other seeds than the agent."""
 

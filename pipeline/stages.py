@@ -108,7 +108,9 @@ def run_pretrain(ctx: StageContext) -> dict:
 def run_baseline(ctx: StageContext) -> dict:
     """SAC from scratch on its own budget and seed: the curve the fine-tuned agent is compared with."""
     cfg = ctx.cfg
-    network = dataclasses.replace(cfg.network, critic_layer_norm=cfg.baseline.critic_layer_norm)
+    network = NetworkConfig(actor_hidden=cfg.network.actor_hidden, critic_hidden=cfg.network.critic_hidden,
+                            activation=cfg.network.activation, scale_lb=cfg.network.scale_lb,
+                            num_critics=cfg.baseline.num_critics, critic_layer_norm=cfg.baseline.critic_layer_norm)
     _, _, checkpoints, episodes = train_sac(ctx, cfg.baseline, network, collector_seed=ctx.seed + 2,
                                             evaluate_at_start=True)
     return {"evals": [(c["frames"], c["return"]) for c in checkpoints], "checkpoints": checkpoints,
@@ -272,9 +274,10 @@ STAGES = (
     Stage("finetune", run_finetune, inputs=("offline", "dataset"),
           reads=("env", "network", "offline.loss", "finetune", "evaluate.seed", "compile"), version=3),
     Stage("evaluate", run_evaluate, inputs=("finetune", "dataset"), reads=("env", "evaluate")),
+    # Its own critics (`baseline.*`): recipes that change the agent's ensemble leave SAC from scratch alone.
     Stage("baseline", run_baseline,
-          reads=("env", "network", "baseline", "offline.loss.gamma", "offline.loss.target_entropy", "evaluate.seed",
-                 "compile"),
+          reads=("env", "network.actor_hidden", "network.critic_hidden", "network.activation", "network.scale_lb",
+                 "baseline", "offline.loss.gamma", "offline.loss.target_entropy", "evaluate.seed", "compile"),
           seed_offset=lambda cfg: cfg.baseline.seed_offset),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)

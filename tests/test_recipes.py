@@ -86,3 +86,10 @@ def test_the_warm_start_recipe_in_a_tiny_pipeline(tmp_path, dataset_store, capsy
     assert logged == [300, 400]  # the first 200 frames (two batches) were collected with no update
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [frames for frames, _ in summary["finetune_evals"]] == [0, 100, 200, 300, 400]
+
+
+def test_sac_from_scratch_is_the_same_stage_under_every_recipe():
+    from cqlsac.pipeline import Pipeline
+
+    keys = {Pipeline(PipelineConfig.from_yaml(None, [f"recipe={name}"])).stage_key("baseline") for name in RECIPES}
+    assert keys == {Pipeline(PipelineConfig()).stage_key("baseline")}
