@@ -298,7 +298,7 @@ class ReportConfig:
 
 
 def default_stages() -> list[str]:
-    return ["pretrain", "dataset", "offline", "finetune", "baseline", "evaluate"]
+    return ["finetune", "baseline", "evaluate"]
 
 
 @dataclass
@@ -313,7 +313,8 @@ class PipelineConfig:
     """A fine-tuning recipe bundled with cqlsac (cql, calql, seed, wsrl, rlpd): its settings lie under
     the config file's and the overrides (docs/recipes.md)."""
     stages: list[str] = field(default_factory=default_stages)
-    """Stages to run; the stages they read run first (or are reused)."""
+    """Stages to run; the stages they read run first (or are reused): by default all that fine-tuning,
+    SAC from scratch and the final evaluation need."""
     output_dir: str = "runs"
     """Where run directories are made."""
     cache_dir: str = "runs/cache"
@@ -356,6 +357,9 @@ class PipelineConfig:
     # --- loading and saving -------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict) -> PipelineConfig:
+        """The config of plain data; the recipe it names lies under it."""
+        if isinstance(data, dict) and data.get("recipe") is not None:
+            data = merge_over(read_yaml(recipe_path(data["recipe"])), data)
         return validate(cls, data)
 
     @classmethod
@@ -369,8 +373,6 @@ class PipelineConfig:
             if key in seen:
                 raise ConfigError(f"{key} is given twice ({seen[key]!r} and {override!r}); give it once")
             seen[key] = override
-        if data.get("recipe") is not None:
-            data = merge_over(read_yaml(recipe_path(data["recipe"])), data)
         return cls.from_dict(data)
 
     def to_dict(self) -> dict:

@@ -90,7 +90,8 @@ class SweepRun:
 @dataclass
 class Sweep:
     """The runs of `config` (a path, a bundled name, or None for the default) with the fixed
-    `overrides`, for every combination of the `axes` values and every seed.
+    `overrides`, for every combination of the `axes` values (or each of the `named` settings, each a
+    few keys set together) and every seed.
 
     `workers` runs go at once, each with `threads` torch threads (default: the cores shared out).
     With `backend="ray"`, each run is a Ray task (`address` of a cluster, else a local instance);
@@ -101,6 +102,7 @@ class Sweep:
     seeds: list[int] = field(default_factory=lambda: [0])
     axes: dict[str, list] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
+    named: dict[str, dict[str, str]] = field(default_factory=dict)
     sweep_dir: str | None = None
     workers: int = 1
     backend: str = "local"
@@ -117,6 +119,8 @@ class Sweep:
             raise ConfigError("a sweep needs at least one seed")
         if any(override.split("=", 1)[0].strip() == "seed" for override in self.overrides) or "seed" in self.axes:
             raise ConfigError("seeds are an axis of their own: use --seeds, not seed=...")
+        if self.axes and self.named:
+            raise ConfigError("a sweep has axes or named settings, not both")
         for key, values in self.axes.items():
             if not values:
                 raise ConfigError(f"axis {key} has no values")
@@ -148,18 +152,21 @@ class Sweep:
     @classmethod
     def from_yaml(cls, path: str | Path, **execution) -> Sweep:
         """A sweep from a YAML file with `config`, `seeds` (a list or a string like 0-9), `axes`
-        (key: [values]), `overrides` (key: value) and `title`."""
+        (key: [values]) or `settings` (name: {key: value, ...}), `overrides` (key: value) and `title`."""
         data = read_yaml(resolve_config_path(path))
-        unknown = sorted(set(data) - {"config", "seeds", "axes", "overrides", "title"})
+        valid = {"config", "seeds", "axes", "settings", "overrides", "title"}
+        unknown = sorted(set(data) - valid)
         if unknown:
-            raise ConfigError(f"sweep file {path}: unknown key(s) {unknown} (valid: config, seeds, axes, overrides, title)")
+            raise ConfigError(f"sweep file {path}: unknown key(s) {unknown} (valid: {', '.join(sorted(valid))})")
         seeds = data.get("seeds", [0])
         seeds = parse_seeds(seeds) if isinstance(seeds, str) else [int(s) for s in seeds]
         axes = {key: [as_override(key, v).split("=", 1)[1] for v in values]
                 for key, values in (data.get("axes") or {}).items()}
         overrides = [as_override(key, value) for key, value in (data.get("overrides") or {}).items()]
-        return cls(config=data.get("config"), seeds=seeds, axes=axes, overrides=overrides, title=data.get("title"),
-                   **execution)
+        named = {str(name): {key: as_override(key, value).split("=", 1)[1] for key, value in setting.items()}
+                 for name, setting in (data.get("settings") or {}).items()}
+        return cls(config=data.get("config"), seeds=seeds, axes=axes, overrides=overrides, named=named,
+                   title=data.get("title"), **execution)
 
     @classmethod
     def resumed(cls, sweep_dir: str | Path, **execution) -> Sweep:
@@ -169,10 +176,12 @@ class Sweep:
             raise ConfigError(f"{sweep_dir} is not a sweep directory (no {SWEEP_FILE} in it)")
         spec = json.loads(record.read_text())["spec"]
         return cls(config=spec["config"], seeds=spec["seeds"], axes=spec["axes"], overrides=spec["overrides"],
-                   title=spec.get("title"), sweep_dir=str(sweep_dir), **execution)
+                   named=spec.get("named", {}), title=spec.get("title"), sweep_dir=str(sweep_dir), **execution)
 
     def settings(self) -> list[dict[str, str]]:
-        """Every combination of the axes' values, the first axis varying slowest."""
+        """The named settings, or every combination of the axes' values, the first axis varying slowest."""
+        if self.named:
+            return list(self.named.values())
         keys = list(self.axes)
         return [dict(zip(keys, values)) for values in itertools.product(*(self.axes[k] for k in keys))]
 
@@ -233,12 +242,18 @@ class Sweep:
         sweep_report.write(Path(self.sweep_dir))
         return record
 
+    def label(self, setting: int) -> str:
+        """A setting's name in reports: its given name, or its `key=value` list."""
+        if self.named:
+            return list(self.named)[setting]
+        return ", ".join(f"{k}={v}" for k, v in self.settings()[setting].items()) or "base config"
+
     def task(self, run: SweepRun) -> dict:
         return {"config": self.config, "overrides": self.run_overrides(run.overrides, run.seed),
                 "run_dir": run.run_dir, "threads": self.threads}
 
     def progress_line(self, run: SweepRun) -> str:
-        label = ", ".join(f"{k}={v}" for k, v in run.overrides.items()) or "base config"
+        label = self.label(run.setting)
         if run.status == "finished":
             final = run.summary.get("final_eval_return")
             outcome = "finished" + (f", final return {final:.1f}" if final is not None else "")
@@ -249,7 +264,7 @@ class Sweep:
     def save(self, started: float, ended: float | None) -> dict:
         record = {
             "spec": {"config": self.config, "seeds": self.seeds, "axes": self.axes, "overrides": self.overrides,
-                     "title": self.title},
+                     "named": self.named, "title": self.title},
             "command": " ".join(["cqlsac", *sys.argv[1:]]) if Path(sys.argv[0]).name == "cqlsac" else None,
             "backend": self.backend, "workers": self.workers, "threads": self.threads,
             "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),

@@ -33,15 +33,19 @@ def load(sweep_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def setting_label(overrides: dict) -> str:
-    return ", ".join(f"{key}={value}" for key, value in overrides.items()) or "base config"
+def setting_label(record: dict, run: dict) -> str:
+    """A setting's name: its given name in the sweep's `named` settings, or its `key=value` list."""
+    named = record["spec"].get("named") or {}
+    if named:
+        return list(named)[run["setting"]]
+    return ", ".join(f"{key}={value}" for key, value in run["overrides"].items()) or "base config"
 
 
 def settings(record: dict) -> list[tuple[str, list[dict]]]:
     """(label, the finished runs' summaries) per setting, in the sweep's order."""
     groups: dict[int, tuple[str, list[dict]]] = {}
     for run in record["runs"]:
-        label, summaries = groups.setdefault(run["setting"], (setting_label(run["overrides"]), []))
+        label, summaries = groups.setdefault(run["setting"], (setting_label(record, run), []))
         if run["status"] == "finished":
             summaries.append(run["summary"])
     return list(groups.values())
@@ -101,7 +105,7 @@ def markdown(record: dict, sweep_dir: Path, image: str) -> str:
               "bootstrap band.", ""]
     failed = [r for r in runs if r["status"] != "finished"]
     if failed:
-        lines += ["Runs not finished:", ""] + [f"- {setting_label(r['overrides'])}, seed {r['seed']}: {r['status']}"
+        lines += ["Runs not finished:", ""] + [f"- {setting_label(record, r)}, seed {r['seed']}: {r['status']}"
                                                f" ({r['error']})" for r in failed] + [""]
     return "\n".join(lines)
 

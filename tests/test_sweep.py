@@ -147,3 +147,13 @@ def test_the_ray_backend_gives_the_local_backends_numbers(tmp_path):
 
     local = sweep("local")
     assert sweep("ray") == local and len(local) == 2
+
+
+def test_named_settings_set_several_keys_together(tmp_path):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text("seeds: [3]\nsettings:\n  plain: {recipe: cql}\n"
+                    "  short warm-up: {recipe: wsrl, finetune.warmup_frames: 1000}\n")
+    sweep = Sweep.from_yaml(spec, sweep_dir=str(tmp_path / "s"))
+    assert [sweep.label(run.setting) for run in sweep.runs] == ["plain", "short warm-up"]
+    cfg = sweep.run_config(sweep.runs[1].overrides, 3)
+    assert (cfg.recipe, cfg.finetune.warmup_frames, cfg.network.num_critics, cfg.seed) == ("wsrl", 1000, 10, 3)
