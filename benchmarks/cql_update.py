@@ -3,6 +3,7 @@
 Run from the repository root:
     python benchmarks/cql_update.py [--quick] [--compile] [--profile 20] [--threads 1] [--omp-passive]
     python benchmarks/cql_update.py --device cuda --compile --cudagraph [--batch 1024]
+    python benchmarks/cql_update.py --pipeline-sizes [--quick] [--threads 1]
 
 Everything runs in one process on the same synthetic data (a `ReplayBuffer` over a
 `LazyTensorStorage` of ~100k transitions in TorchRL layout), after
@@ -60,6 +61,27 @@ fraction below is, if anything, understated.
 At the defaults (B 256, h 256, o 11, a 3, N 10, E 2) this is 6.67 GFLOP per CQL update,
 dominated by the 256x256 critic layer on B(3N+1) = 7,936 rows per member, which is why the
 sgemm references are (7936 x 256) @ (256 x 256).
+
+`--pipeline-sizes`: the network sizes the pipeline trains
+---------------------------------------------------------
+One run over four sizes (hidden width of both layers, obs dim, act dim): 64, 3, 1 (Pendulum, the
+default pipeline); 128, 8, 2 (LunarLander continuous); 128, 11, 3 (Hopper); 256, 11, 3 (the
+reference size above). For each size, in interleaved rounds on the same batches:
+    (a) our update eager, plain critics (as in the single-size mode);
+    (b) our update eager, layer-normalised critics (`NetworkConfig.critic_layer_norm`, the default
+        pipeline's critics);
+    (c) our update with `CQLSACLoss(..., compile=True)` and layer-normalised critics, which is what
+        the pipeline's `compile: true` runs; its first call compiles forward and backward and is
+        reported apart, after `torch._dynamo.reset()` so that no size reuses another's graphs (a warm
+        on-disk inductor cache shortens it);
+    (d) torchrl's CQLLoss eager, built and configured as above;
+    (e) our update in SAC mode (cql_weight = 0), eager, plain critics (SAC from scratch has them);
+    and the two sgemm references at (B(3N+1) x h) @ (h x h) of that size.
+The arithmetic limit is FLOPs per update (the formula above; layer norm is element-wise and adds
+none) / the faster sgemm. One markdown table per size; the last two lines are for the 64 size:
+speedup (a)/(d), and the fraction of the sgemm limit of the fastest of (a), (b), (c), which its
+table names. The single-size flags --hidden, --obs-dim, --act-dim, --compile, --cudagraph and
+--profile do not apply.
 """
 
 from __future__ import annotations
@@ -92,6 +114,13 @@ from cqlsac.components.networks import EnsembleMLP, make_actor, make_critics  # 
 from cqlsac.components.update import cuda_graph_update, make_optimizer, polyak_update, update_step  # noqa: E402
 
 GAMMA, TAU, CQL_WEIGHT = 0.99, 0.005, 5.0
+# --pipeline-sizes: (hidden width, obs dim, act dim, what trains at that size)
+PIPELINE_SIZES = [
+    (64, 3, 1, "Pendulum, the default pipeline"),
+    (128, 8, 2, "LunarLander continuous"),
+    (128, 11, 3, "Hopper"),
+    (256, 11, 3, "the reference size"),
+]
 
 
 # --- set-up -----------------------------------------------------------------------------------
@@ -117,9 +146,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="set OMP_WAIT_POLICY=PASSIVE (unless set): OpenMP threads sleep instead of spinning "
                         "at barriers, which keeps multi-threaded numbers sane when other processes share the cores")
     p.add_argument("--quick", action="store_true", help="~30 s run: short measurements, one collector batch")
+    p.add_argument("--pipeline-sizes", action="store_true",
+                   help="instead of one size, the four network sizes of the pipeline's envs, each with our update "
+                        "eager (plain and layer-normalised critics), compiled, torchrl's, SAC mode and the sgemm limit "
+                        "(see the docstring); always compiles, so allow a few minutes more")
     args = p.parse_args(argv)
     if args.cudagraph and args.device != "cuda":
         p.error("--cudagraph needs --device cuda (CUDA graphs record CUDA kernels)")
+    if args.pipeline_sizes and (args.cudagraph or args.profile):
+        p.error("--pipeline-sizes measures neither --cudagraph nor --profile; run those in the single-size mode")
     if args.quick:
         args.seconds, args.warmup = min(args.seconds, 2.0), min(args.warmup, 2)
     return args
@@ -169,11 +204,12 @@ def synthetic_buffer(args) -> ReplayBuffer:
     return rb
 
 
-def make_ours(args, device, cql_weight=CQL_WEIGHT):
+def make_ours(args, device, cql_weight=CQL_WEIGHT, layer_norm=False, compile=False):
     obs_spec, act_spec = specs(args)
-    net = NetworkConfig(actor_hidden=(args.hidden,) * 2, critic_hidden=(args.hidden,) * 2)
+    net = NetworkConfig(actor_hidden=(args.hidden,) * 2, critic_hidden=(args.hidden,) * 2, critic_layer_norm=layer_norm)
     loss = CQLSACLoss(make_actor(obs_spec, act_spec, net), make_critics(obs_spec, act_spec, net),
-                      LossConfig(gamma=GAMMA, cql_weight=cql_weight, num_actions=args.num_actions)).to(device)
+                      LossConfig(gamma=GAMMA, cql_weight=cql_weight, num_actions=args.num_actions),
+                      compile=compile).to(device)
     return loss, make_optimizer(loss, OptimConfig(tau=TAU))
 
 
@@ -421,20 +457,7 @@ def measure_updates(args, device, sync, rb) -> dict:
         graph_loss = make_ours(args, device)[0]
         graphed = cuda_graph_update(graph_loss, make_optimizer(graph_loss, OptimConfig(tau=TAU), capturable=True), TAU)
         fns["cudagraph"] = lambda k: graphed(pool[k % len(pool)])
-    # The sgemm reference runs in the same rounds, so that the fraction compares like with like.
-    rows = args.batch * (3 * args.num_actions + 1)
-    shape_a, shape_b = (rows, args.hidden), (args.hidden, args.hidden)
-    fns["sgemm"], mm_flops = matmul_fn(shape_a, shape_b, device)
-    onednn_fn, onednn_flops = onednn_matmul_fn(shape_a, shape_b, device)
-    if onednn_fn is not None:
-        fns["sgemm_onednn"] = onednn_fn
-    shares = {"sgemm": 0.25, "sgemm_onednn": 0.25}
-    total = sum(shares.get(name, 1.0) for name in fns) * args.seconds
-    rates = interleaved_rates(fns, total, args.warmup, sync, shares=shares)
-    res.update({name: rate.per_s for name, rate in rates.items()})
-    res["sgemm"] = mm_flops * rates["sgemm"].per_s / 1e9  # GFLOP/s
-    res["sgemm_onednn"] = onednn_flops * rates["sgemm_onednn"].per_s / 1e9 if onednn_fn is not None else None
-    res["sgemm_best"] = max(res["sgemm"], res["sgemm_onednn"] or 0.0)
+    res.update(rates_with_sgemm(fns, args, device, sync))
     del fns  # frees torchrl's loss and its copies of the batches before the next measurements
 
     sac, sac_opt = make_ours(args, device, cql_weight=0.0)
@@ -442,6 +465,27 @@ def measure_updates(args, device, sync, rb) -> dict:
                                    args.seconds, args.warmup, sync, rounds=1)["sac"].per_s
     res["split"] = time_split(ours, ours_opt, rb, device, args.seconds, args.warmup, sync)
     res["profile_target"] = (ours, ours_opt, pool)
+    return res
+
+
+def rates_with_sgemm(fns: dict, args, device, sync) -> dict:
+    """Calls/s of each update fn, timed in the same interleaved rounds as the two sgemm references
+    of the critic's hidden layer (so that the fraction of the limit compares like with like); adds
+    "sgemm", "sgemm_onednn" (None where unavailable) and "sgemm_best" in GFLOP/s."""
+    rows = args.batch * (3 * args.num_actions + 1)
+    shape_a, shape_b = (rows, args.hidden), (args.hidden, args.hidden)
+    fns = dict(fns)
+    fns["sgemm"], mm_flops = matmul_fn(shape_a, shape_b, device)
+    onednn_fn, onednn_flops = onednn_matmul_fn(shape_a, shape_b, device)
+    if onednn_fn is not None:
+        fns["sgemm_onednn"] = onednn_fn
+    shares = {"sgemm": 0.25, "sgemm_onednn": 0.25}
+    total = sum(shares.get(name, 1.0) for name in fns) * args.seconds
+    rates = interleaved_rates(fns, total, args.warmup, sync, shares=shares)
+    res = {name: rate.per_s for name, rate in rates.items()}
+    res["sgemm"] = mm_flops * rates["sgemm"].per_s / 1e9  # GFLOP/s
+    res["sgemm_onednn"] = onednn_flops * rates["sgemm_onednn"].per_s / 1e9 if onednn_fn is not None else None
+    res["sgemm_best"] = max(res["sgemm"], res["sgemm_onednn"] or 0.0)
     return res
 
 
@@ -461,6 +505,95 @@ def measure_rest(args, device, sync, rb) -> dict:
         "fps_random": collector_fps(None, 1000, n_batches),
         "fps_actor": collector_fps(pendulum_actor(args.hidden), 1000, n_batches),
     }
+
+
+def measure_size(args, device, sync, hidden, obs_dim, act_dim) -> dict:
+    """(a)-(e) of `--pipeline-sizes` at one size, interleaved with its sgemm references; updates/s,
+    GFLOP/s and the compile seconds of (c)."""
+    size = argparse.Namespace(**{**vars(args), "hidden": hidden, "obs_dim": obs_dim, "act_dim": act_dim})
+    rb = synthetic_buffer(size)
+    pool = [rb.sample().to(device) for _ in range(32)]  # the same batches for every update measurement
+    torchrl_pool = [b.clone() for b in pool]  # CQLLoss writes into its input; keep ours clean
+    plain, plain_opt = make_ours(size, device)
+    normed, normed_opt = make_ours(size, device, layer_norm=True)
+    sac, sac_opt = make_ours(size, device, cql_weight=0.0)
+    trl, trl_opt, trl_updater = make_torchrl(size, device)
+    torch._dynamo.reset()  # compile afresh, as a pipeline process does: no graphs or dynamic shapes from another size
+    compiled, compiled_opt = make_ours(size, device, layer_norm=True, compile=True)
+    sync()
+    t0 = time.perf_counter()
+    update_step(compiled, compiled_opt, pool[0], TAU)  # compiles the loss's forward and backward
+    sync()
+    compile_seconds = time.perf_counter() - t0
+    fns = {
+        "plain": lambda k: update_step(plain, plain_opt, pool[k % len(pool)], TAU),
+        "layer_norm": lambda k: update_step(normed, normed_opt, pool[k % len(pool)], TAU),
+        "compiled": lambda k: update_step(compiled, compiled_opt, pool[k % len(pool)], TAU),
+        "torchrl": lambda k: torchrl_update(trl, trl_opt, trl_updater, torchrl_pool[k % len(pool)]),
+        "sac": lambda k: update_step(sac, sac_opt, pool[k % len(pool)], TAU),
+    }
+    return {**rates_with_sgemm(fns, size, device, sync), "compile_seconds": compile_seconds}
+
+
+def size_fractions(res, cql_flops, sac_flops) -> dict[str, float]:
+    """Fraction of the arithmetic limit (FLOPs / faster sgemm) that each of our updates reaches."""
+    limit = res["sgemm_best"] * 1e9
+    return {"plain": cql_flops * res["plain"] / limit, "layer_norm": cql_flops * res["layer_norm"] / limit,
+            "compiled": cql_flops * res["compiled"] / limit, "sac": sac_flops * res["sac"] / limit}
+
+
+BEST_CQL_NAMES = {"plain": "(a) eager, plain critics", "layer_norm": "(b) eager, layer-normalised critics",
+                  "compiled": "(c) compiled, layer-normalised critics"}
+
+
+def print_size_table(args, hidden, obs_dim, act_dim, what, res, cql_flops, sac_flops) -> str:
+    """One markdown table of `--pipeline-sizes`; returns the name of our fastest CQL update."""
+    fractions = size_fractions(res, cql_flops, sac_flops)
+    best = max(BEST_CQL_NAMES, key=lambda name: res[name])
+    rows = args.batch * (3 * args.num_actions + 1)
+    print(f"\n### hidden {hidden}x2, obs {obs_dim}, act {act_dim}: {what}\n")
+    print(f"| {'measurement':<58} | {'value':>10} | {'unit':<18} |")
+    print(f"|{'-' * 60}|{'-' * 12}|{'-' * 20}|")
+    row("(a) ours CQL eager, plain critics", f"{res['plain']:.1f}", "updates/s")
+    row("(b) ours CQL eager, layer-normalised critics", f"{res['layer_norm']:.1f}", "updates/s")
+    row("(c) ours CQL compile=True, layer-normalised critics", f"{res['compiled']:.1f}", "updates/s")
+    row("    compile time of (c) (first update)", f"{res['compile_seconds']:.1f}", "s")
+    row("(d) torchrl CQLLoss eager (+Adam+SoftUpdate)", f"{res['torchrl']:.1f}", "updates/s")
+    row("(e) ours SAC mode (cql_weight=0) eager, plain critics", f"{res['sac']:.1f}", "updates/s")
+    row("ours / torchrl: (a) / (d)", f"{res['plain'] / res['torchrl']:.2f}", "x")
+    row("ours layer-normalised / torchrl: (b) / (d)", f"{res['layer_norm'] / res['torchrl']:.2f}", "x")
+    row("compiled / eager, both layer-normalised: (c) / (b)", f"{res['compiled'] / res['layer_norm']:.2f}", "x")
+    row(f"sgemm ({rows}x{hidden})@({hidden}x{hidden}), faster of torch.matmul, oneDNN",
+        f"{res['sgemm_best']:.1f}", "GFLOP/s")
+    row("FLOPs per CQL update", f"{cql_flops / 1e9:.3f}", "GFLOP")
+    row("FLOPs per SAC update", f"{sac_flops / 1e9:.3f}", "GFLOP")
+    row("arithmetic limit CQL (FLOPs / faster sgemm)", f"{res['sgemm_best'] * 1e9 / cql_flops:.1f}", "updates/s")
+    row("arithmetic limit SAC", f"{res['sgemm_best'] * 1e9 / sac_flops:.1f}", "updates/s")
+    row("fraction of limit, CQL eager (a)", f"{fractions['plain']:.3f}", "")
+    row("fraction of limit, CQL eager layer-normalised (b)", f"{fractions['layer_norm']:.3f}", "")
+    row("fraction of limit, CQL compiled (c)", f"{fractions['compiled']:.3f}", "")
+    row("fraction of limit, SAC eager (e)", f"{fractions['sac']:.3f}", "")
+    row(f"fastest CQL update: {BEST_CQL_NAMES[best]}", f"{fractions[best]:.3f}", "fraction of limit")
+    return best
+
+
+def run_pipeline_sizes(args, device, sync, cores) -> None:
+    """`--pipeline-sizes`: a table per size, then the two script lines for the first (64) size."""
+    print("(b) and (c) evaluate their critics with torch.baddbmm whatever the line above says: oneDNN takes plain "
+          "critics only")
+    t_run, first = time.perf_counter(), None
+    for hidden, obs_dim, act_dim, what in PIPELINE_SIZES:
+        res = measure_size(args, device, sync, hidden, obs_dim, act_dim)
+        flops = [sum(flops_per_update(args.batch, obs_dim, act_dim, (hidden,) * 2, args.num_actions, cql=cql).values())
+                 for cql in (True, False)]
+        best = print_size_table(args, hidden, obs_dim, act_dim, what, res, *flops)
+        if first is None:
+            first = (res, best, size_fractions(res, *flops)[best])
+    print(f"\n(total run time {time.perf_counter() - t_run:.0f} s; {load_note(cores)}; "
+          f"peak resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)")
+    res, best, fraction = first
+    print(f"speedup_vs_torchrl_eager: {res['plain'] / res['torchrl']:.3f}")
+    print(f"fraction_of_sgemm_limit: {fraction:.3f}")
 
 
 def load_note(cores) -> str:
@@ -526,9 +659,14 @@ def main(argv=None):
     torch.manual_seed(0)
     print(f"torch {torch.__version__} | threads {torch.get_num_threads()} of {cores} cores | CPU {cpu_model()} | "
           f"device {device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
-    print(f"batch {args.batch}, hidden {args.hidden}x2, obs {args.obs_dim}, act {args.act_dim}, "
-          f"N {args.num_actions}, {args.seconds:g} s per measurement, warmup {args.warmup}"
-          + (" (quick)" if args.quick else ""))
+    if args.pipeline_sizes:
+        sizes = ", ".join(f"{h}x2/{o}/{a}" for h, o, a, _ in PIPELINE_SIZES)
+        print(f"--pipeline-sizes: batch {args.batch}, N {args.num_actions}, sizes (hidden/obs/act) {sizes}, "
+              f"{args.seconds:g} s per measurement, warmup {args.warmup}" + (" (quick)" if args.quick else ""))
+    else:
+        print(f"batch {args.batch}, hidden {args.hidden}x2, obs {args.obs_dim}, act {args.act_dim}, "
+              f"N {args.num_actions}, {args.seconds:g} s per measurement, warmup {args.warmup}"
+              + (" (quick)" if args.quick else ""))
     print(f"{load_note(cores)} | OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     malloc_tuned = keep_freed_memory()
     print(f"malloc tuning (components.allocator.keep_freed_memory): {'on' if malloc_tuned else 'off'}"
@@ -536,6 +674,9 @@ def main(argv=None):
     probe = torch.zeros(1, 1, device=device)
     onednn = EnsembleMLP.use_onednn and onednn_ensemble.available_for(probe, [probe], torch.nn.ReLU())
     print(f"critic ensemble matmuls: {'oneDNN fp32 (components/onednn_ensemble.py)' if onednn else 'torch.baddbmm'}")
+    if args.pipeline_sizes:
+        run_pipeline_sizes(args, device, sync, cores)
+        return
     t_run = time.perf_counter()
 
     rb = synthetic_buffer(args)

@@ -179,7 +179,14 @@ def plot_curves(summary: dict, offline_curve: list | None, path: Path) -> None:
         ax_q.plot(updates, q_data, label="Q at the data actions")
         ax_q.plot(updates, cql_gap, label="CQL gap")
     ax_q.set(xlabel="offline updates", title="Offline Q-values and CQL gap")
-    for ax in (ax_return, ax_q):
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Legends where there is something to name, then the PNG; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    for ax in fig.axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()

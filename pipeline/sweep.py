@@ -222,10 +222,10 @@ class Sweep:
         todo = [run for run in self.runs if run.status != "finished"]
         self.save(started, None)
         tasks = {id(run): self.task(run) for run in todo}
-        execute = run_locally if self.backend == "local" else run_on_ray
+        backend = LocalBackend(self.workers) if self.backend == "local" else RayBackend(self.threads, self.address)
         with tqdm(total=len(self.runs), initial=len(self.runs) - len(todo), desc="sweep", unit="run") as bar:
             try:
-                for run, result in execute(todo, tasks, self):
+                for run, result in schedule(todo, tasks, self.workers, backend):
                     run.status, run.error, run.summary = result["status"], result.get("error"), result.get("summary")
                     bar.update(1)
                     tqdm.write(self.progress_line(run))
@@ -323,79 +323,99 @@ def run_one(task: dict) -> dict:
 
 
 # --- backends --------------------------------------------------------------------------------------
-def run_locally(runs: list[SweepRun], tasks: dict, sweep: Sweep) -> Iterator[tuple[SweepRun, dict]]:
-    """Up to `sweep.workers` runs at once, each in a fresh process."""
-    executor = ProcessPoolExecutor(max_workers=sweep.workers, mp_context=get_context("spawn"), max_tasks_per_child=1)
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    futures = {}
+def schedule(runs: list[SweepRun], tasks: dict, workers: int, backend) -> Iterator[tuple[SweepRun, dict]]:
+    """Up to `workers` runs in flight on `backend`; yields each run with its result as it ends. On
+    Ctrl-C the runs in flight are stopped (they save a checkpoint) and recorded as they end."""
+    in_flight = {}
+    queue = list(runs)
     try:
-        queue = list(runs)
-        while queue or futures:
-            while queue and len(futures) < sweep.workers:
+        while queue or in_flight:
+            while queue and len(in_flight) < workers:
                 run = queue.pop(0)
-                futures[executor.submit(run_one, tasks[id(run)])] = run
-            done, _ = wait(futures, return_when=FIRST_COMPLETED)
-            for future in done:
-                run = futures.pop(future)
-                try:
-                    result = future.result()
-                except Exception as exc:  # the worker process died
-                    result = {"status": "failed", "error": f"worker process failed: {type(exc).__name__}: {exc}"}
-                yield run, result
+                in_flight[backend.submit(tasks[id(run)])] = run
+            for handle in backend.finished(list(in_flight)):
+                run = in_flight.pop(handle)
+                yield run, backend.result(handle)
     except KeyboardInterrupt:
+        backend.stop(list(in_flight))
+        for handle, run in in_flight.items():
+            result = backend.result(handle, stopped=True)
+            run.status, run.error = result["status"], result.get("error")
+        raise
+    finally:
+        backend.close()
+
+
+class LocalBackend:
+    """Each run in a fresh worker process of this machine."""
+
+    def __init__(self, workers: int):
+        self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                                            max_tasks_per_child=1)
+        self.previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
+    def submit(self, task: dict):
+        return self.executor.submit(run_one, task)
+
+    def finished(self, handles: list) -> list:
+        return list(wait(handles, return_when=FIRST_COMPLETED)[0])
+
+    def result(self, future, stopped: bool = False) -> dict:
+        if future.cancelled():
+            return {"status": "interrupted"}
+        try:
+            return future.result()
+        except Exception as exc:  # the worker process died
+            return {"status": "failed", "error": f"worker process failed: {type(exc).__name__}: {exc}"}
+
+    def stop(self, handles: list) -> None:
         # Ctrl-C reached every process of the group; a SIGTERM to the sweep alone is passed on to the runs.
-        for process in list(getattr(executor, "_processes", {}).values()):
+        for process in list(getattr(self.executor, "_processes", {}).values()):
             _signal_quietly(process.pid, signal.SIGINT)
-        for future, run in futures.items():
-            result = future.result() if not future.cancelled() else {"status": "interrupted"}
-            run.status, run.error = result["status"], result.get("error")
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        executor.shutdown(wait=True, cancel_futures=True)
+
+    def close(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+        self.executor.shutdown(wait=True, cancel_futures=True)
 
 
-def run_on_ray(runs: list[SweepRun], tasks: dict, sweep: Sweep) -> Iterator[tuple[SweepRun, dict]]:
-    """Each run a Ray task asking for `sweep.threads` CPUs, at most `sweep.workers` in flight."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports to Ray's servers
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token written to ~/.ray on a local instance
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("--backend ray needs Ray: pip install -e '.[ray]'") from None
-    owns = not ray.is_initialized()
-    if owns:
-        ray.init(address=sweep.address or "local", include_dashboard=False, log_to_driver=False,
-                 **({} if sweep.address else {"num_cpus": os.cpu_count()}))
-    remote = ray.remote(num_cpus=sweep.threads, max_retries=0, max_calls=1)(run_one)
-    pending = {}
-    try:
-        queue = list(runs)
-        while queue or pending:
-            while queue and len(pending) < sweep.workers:
-                run = queue.pop(0)
-                pending[remote.remote(tasks[id(run)])] = run
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                run = pending.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayError as exc:
-                    result = {"status": "failed", "error": f"Ray: {type(exc).__name__}: {str(exc).splitlines()[0]}"}
-                yield run, result
-    except KeyboardInterrupt:
-        for ref in pending:
-            ray.cancel(ref)
-        for ref, run in pending.items():
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayError:
-                result = {"status": "interrupted"}
-            run.status, run.error = result["status"], result.get("error")
-        raise
-    finally:
-        if owns:
-            ray.shutdown()
+class RayBackend:
+    """Each run a Ray task asking for `threads` CPUs, in a fresh worker process, never retried."""
+
+    def __init__(self, threads: int, address: str | None):
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports to Ray's servers
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token written to ~/.ray on a local instance
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("--backend ray needs Ray: pip install -e '.[ray]'") from None
+        self.ray = ray
+        self.owns = not ray.is_initialized()
+        if self.owns:
+            ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+                     **({} if address else {"num_cpus": os.cpu_count()}))
+        self.remote = ray.remote(num_cpus=threads, max_retries=0, max_calls=1)(run_one)
+
+    def submit(self, task: dict):
+        return self.remote.remote(task)
+
+    def finished(self, handles: list) -> list:
+        return self.ray.wait(handles, num_returns=1)[0]
+
+    def result(self, ref, stopped: bool = False) -> dict:
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayError as exc:
+            if stopped:
+                return {"status": "interrupted"}
+            return {"status": "failed", "error": f"Ray: {type(exc).__name__}: {str(exc).splitlines()[0]}"}
+
+    def stop(self, handles: list) -> None:
+        for ref in handles:
+            self.ray.cancel(ref)
+
+    def close(self) -> None:
+        if self.owns:
+            self.ray.shutdown()
 
 
 def _raise_keyboard_interrupt(signum, frame):

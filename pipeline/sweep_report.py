@@ -15,7 +15,7 @@ import numpy as np
 from cqlsac.components.checkpoints import atomic_write
 from cqlsac.components.statistics import interval_estimate, iqm, mean, probability_of_improvement_ci
 from cqlsac.pipeline.config import ConfigError
-from cqlsac.pipeline.report import fmt
+from cqlsac.pipeline.report import fmt, save_figure
 
 SWEEP_FILE = "sweep.json"
 # Summary figures reported per setting: (key in summary.json, what it is).
@@ -175,11 +175,7 @@ def plot(record: dict, path: Path) -> None:
             ax.fill_between(frames, [b["low"] for b in bands], [b["high"] for b in bands], color=colour, alpha=0.2)
             drawn_baseline |= key == "baseline_evals"
     ax.set(xlabel="online environment steps", ylabel="evaluation return (IQM over seeds)")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write(sweep_dir: Path) -> Path:
