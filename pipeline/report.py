@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import resource
 from pathlib import Path
 
 from cqlsac.components.checkpoints import atomic_json, atomic_write
@@ -89,6 +90,7 @@ def summarize(pipe) -> dict:
         "eval_episodes": {"finetune": cfg.finetune.eval_episodes, "baseline": cfg.baseline.eval_episodes,
                           "offline": cfg.evaluate.episodes, "final": cfg.evaluate.episodes},
         "stage_seconds": dict(pipe.stage_seconds),
+        "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "stage_compute_seconds": {name: out.get("seconds") for name, out in outputs.items()},
         "stage_outputs": {name: str(pipe.stage_dir(name)) for name in outputs},
     }
