@@ -103,7 +103,8 @@ def sweep_command(args: argparse.Namespace) -> int:
     again with --resume to carry on."""
     from cqlsac.pipeline.sweep import Sweep
 
-    execution = {"workers": args.workers, "backend": args.backend, "address": args.address, "threads": args.threads}
+    execution = {"workers": args.workers, "backend": args.backend, "address": args.address, "threads": args.threads,
+                 "vectorise_offline": args.vectorise_offline}
     if args.resume is not None:
         if args.config is not None or args.assignments or args.spec is not None:
             raise ConfigError("--resume takes no config, values or --spec: the sweep continues with its own sweep.json")
@@ -168,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="worker processes here, or Ray tasks (pip install -e '.[ray]')")
     sweep.add_argument("--address", help="a Ray cluster's address (default: start a local Ray instance)")
     sweep.add_argument("--resume", metavar="SWEEP_DIR", help="carry on a stopped sweep: finished runs are kept")
+    sweep.add_argument("--vectorise-offline", action="store_true",
+                       help="first compute each setting's offline stages together, one vectorised update of all "
+                            "its seeds' agents (their datasets must exist: e.g. dataset.name=ID)")
     sweep.set_defaults(handler=sweep_command)
     report = commands.add_parser("report", help="regenerate the report of sweeps from their directories",
                                  description="Write report.md and curves.png of each sweep again from its sweep.json; "

@@ -40,7 +40,7 @@ from cqlsac.pipeline.cache import (
     stage_lock,
 )
 from cqlsac.pipeline.config import ConfigError, OnlineConfig, PipelineConfig, config_hash, finetune_loss
-from cqlsac.pipeline.stages import STAGE_NAMES, Stage, stage_table
+from cqlsac.pipeline.stages import STAGE_NAMES, Stage, run_offline_together, stage_table
 from cqlsac.pipeline.supervision import STATE_SUFFIX, CurveRecord, OnlineRecord, Supervisor, stop_if_requested
 
 
@@ -294,6 +294,11 @@ class Pipeline:
         ensure_writable(self.run_dir, "output_dir")
         atomic_write(self.run_dir / "config.yaml", self.cfg.to_yaml())
         print(f"run directory: {self.run_dir}")
+        self.prepare(plan)
+        return report.write(self)
+
+    def prepare(self, plan: list[str]) -> None:
+        """Run or reuse the stages of `plan` in its order, each under its folder's lock, into `outputs`."""
         for name in plan:
             stop_if_requested()
             folder = self.stage_dir(name)
@@ -303,7 +308,6 @@ class Pipeline:
                     self.outputs[name] = self.run_or_reuse(name, folder)
             finally:
                 remove_if_unused(folder)
-        return report.write(self)
 
     def context(self, name: str) -> StageContext:
         """What stage `name` works with (its inputs must have finished): the wiring a stage, an
@@ -328,13 +332,17 @@ class Pipeline:
             return finished
         ctx = self.context(name)
         stage = self.table[name]
-        torch.manual_seed(ctx.seed + 1000 * STAGE_NAMES.index(name))  # each stage draws its own stream
+        torch.manual_seed(self.torch_seed(name))
         start = time.perf_counter()
         outputs = stage.run(ctx)
         seconds = round(ctx.seconds_before() + time.perf_counter() - start, 2)
         self.stage_seconds[name] = seconds
         finish(folder, {**outputs, "seconds": seconds})
         return finished_outputs(folder)
+
+    def torch_seed(self, name: str) -> int:
+        """torch's seed at the start of stage `name`: each stage draws its own stream, whatever ran before it."""
+        return self.stage_seed(name) + 1000 * STAGE_NAMES.index(name)
 
     def copy_final_policy(self) -> Path | None:
         """The fine-tuned policy, copied into the run directory (what `cqlsac eval RUN_DIR` evaluates)."""
@@ -344,3 +352,34 @@ class Pipeline:
         target = self.run_dir / "policy.pt"
         atomic_write(target, Path(source).read_bytes())
         return target
+
+
+def compute_offline_together(pipes: list[Pipeline], compile: bool = True) -> int:
+    """The unfinished offline stages of `pipes` (runs whose offline settings are the same; seeds and
+    datasets may differ), computed as one vectorised update of all their agents
+    (`stages.run_offline_together`) into each run's own stage folder; returns how many. The stages
+    they read are run (or reused) first, one run after another. Each pipeline's later `run`
+    reuses its offline stage."""
+    from contextlib import ExitStack
+
+    todo = [p for p in pipes if "offline" in p.table and p.finished_outputs("offline") is None]
+    if len(todo) < 2:
+        return 0
+    reads = todo[0].table["offline"].reads
+    if any(read_values(p.cfg, reads) != read_values(todo[0].cfg, reads) for p in todo):
+        raise ConfigError("offline stages computed together must share every offline setting but the seed")
+    for pipe in todo:
+        pipe.prepare([name for name in pipe.plan(["offline"]) if name != "offline"])
+    with ExitStack() as locks:
+        for pipe in todo:
+            folder = pipe.stage_dir("offline")
+            folder.mkdir(parents=True, exist_ok=True)
+            locks.enter_context(stage_lock(folder, "offline"))
+        todo = [p for p in todo if p.finished_outputs("offline") is None]  # another run may have finished some
+        start = time.perf_counter()
+        outputs = run_offline_together([p.context("offline") for p in todo], [p.torch_seed("offline") for p in todo],
+                                       compile)
+        seconds = round((time.perf_counter() - start) / max(len(todo), 1), 2)
+        for pipe, out in zip(todo, outputs):
+            finish(pipe.stage_dir("offline"), {**out, "seconds": seconds, "computed_with": len(todo)})
+    return len(todo)

@@ -15,14 +15,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
 from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType
+from tqdm.auto import tqdm
 
 from cqlsac.components.checkpoints import load_agent, load_policy, save_agent
 from cqlsac.components.collector import EpisodeReturns
 from cqlsac.components.config import LossConfig, NetworkConfig
 from cqlsac.components.replay import EpisodeAccumulator, MixedReplay, OnlineReplay, make_online_buffer
 from cqlsac.components.update import Agent
+from cqlsac.components.vectorised import VectorisedAgents
 from cqlsac.datasets import (
     create_dataset,
     dataset_files_digest,
@@ -33,7 +36,7 @@ from cqlsac.datasets import (
 )
 from cqlsac.pipeline.config import ConfigError, OnlineConfig, PipelineConfig, finetune_loss
 from cqlsac.pipeline.loops import train_offline, train_online
-from cqlsac.pipeline.supervision import CurveRecord, OnlineRecord
+from cqlsac.pipeline.supervision import CurveRecord, DivergenceError, OnlineRecord
 
 if TYPE_CHECKING:
     from cqlsac.pipeline.pipeline import StageContext
@@ -178,21 +181,72 @@ def dataset_is_local(outputs: dict) -> bool:
 
 
 # --- offline, fine-tuning, evaluation ---------------------------------------------------------
-def run_offline(ctx: StageContext) -> dict:
-    """CQL-SAC on the offline replay for `offline.updates` updates."""
+def offline_agent(ctx: StageContext):
+    """The offline stage's fresh agent and its batch source, drawn from torch's RNG in a run's order."""
     ocfg = ctx.cfg.offline
     replay, info = ctx.offline_replay(ocfg.batch_size)
     agent = ctx.agent(ocfg.loss, ocfg.optim)
     keys = agent.loss.in_keys
-    curve = CurveRecord(ctx.log)  # for the report, which cannot read the logs of a run that reused this stage
-    train_offline(agent, lambda: replay.sample().select(*keys), updates=ocfg.updates, log=curve,
-                  log_every=ocfg.log_every, supervisor=ctx.supervisor(agent, curve))
+    return agent, (lambda: replay.sample().select(*keys)), info
+
+
+def offline_outputs(ctx: StageContext, agent: Agent, info, curve: list) -> dict:
+    """Evaluate and save the trained offline agent; the stage's outputs."""
     mean_return = ctx.mean_return(agent.actor, ctx.cfg.evaluate.episodes)
-    ctx.log.scalar("offline/eval_return", mean_return, ocfg.updates)
+    ctx.log.scalar("offline/eval_return", mean_return, ctx.cfg.offline.updates)
     save_agent(ctx.dir / "agent.pt", agent.loss, agent.optimizer)
     ctx.save_policy(ctx.dir / "policy.pt", agent.actor, ctx.cfg.network, mean_return=mean_return)
     return {"agent": str(ctx.dir / "agent.pt"), "policy": str(ctx.dir / "policy.pt"), "eval_return": mean_return,
-            "dataset_id": info.dataset_id, "dataset_mean_return": info.mean_return, "curve": curve.points}
+            "dataset_id": info.dataset_id, "dataset_mean_return": info.mean_return, "curve": curve}
+
+
+def run_offline(ctx: StageContext) -> dict:
+    """CQL-SAC on the offline replay for `offline.updates` updates."""
+    ocfg = ctx.cfg.offline
+    agent, sample, info = offline_agent(ctx)
+    curve = CurveRecord(ctx.log)  # for the report, which cannot read the logs of a run that reused this stage
+    train_offline(agent, sample, updates=ocfg.updates, log=curve, log_every=ocfg.log_every,
+                  supervisor=ctx.supervisor(agent, curve))
+    return offline_outputs(ctx, agent, info, curve.points)
+
+
+def run_offline_together(ctxs: list[StageContext], torch_seeds: list[int], compile: bool = True) -> list[dict]:
+    """The offline stages of runs that differ in their seed only, as one vectorised update of all
+    their agents (`components/vectorised.py`); each agent draws its batches and noise from its own
+    copy of torch's RNG, seeded as its run's stage would be, so its numbers are its run's up to
+    float rounding. Nothing is checkpointed mid-way: an interrupted computation starts over. The
+    vectorised step is compiled unless `compile` is false (eager vmap is slower than the runs one
+    after another; the compile itself takes a minute or so)."""
+    ocfg = ctxs[0].cfg.offline
+    agents, samples, infos, curves, streams = [], [], [], [], []
+    for ctx, seed in zip(ctxs, torch_seeds):
+        torch.manual_seed(seed)
+        agent, sample, info = offline_agent(ctx)
+        agents.append(agent)
+        samples.append(sample)
+        infos.append(info)
+        curves.append(CurveRecord(ctx.log))
+        streams.append(torch.get_rng_state())
+    together = VectorisedAgents(agents, compile=compile)
+    for step in tqdm(range(1, ocfg.updates + 1), desc=f"offline x{len(ctxs)}", mininterval=2.0):
+        batches, noises = [], []
+        for k, agent in enumerate(agents):
+            torch.set_rng_state(streams[k])
+            batches.append(samples[k]())
+            noises.append(agent.loss.draw_noise(ocfg.batch_size))
+            streams[k] = torch.get_rng_state()
+        out = together.update(torch.stack(batches), {key: torch.stack([n[key] for n in noises]) for key in noises[0]})
+        if step % ocfg.log_every == 0 or step == ocfg.updates:
+            for k, (ctx, curve) in enumerate(zip(ctxs, curves)):
+                metrics = TensorDict({key: value[k] for key, value in out.items()}, [])
+                if not all(torch.isfinite(v).all() for v in metrics.values()):
+                    raise DivergenceError(f"[offline] seed {ctx.seed}: training diverged (a loss became NaN/Inf by "
+                                          f"update {step}); lower the learning rates or the CQL weight")
+                if step % ocfg.log_every == 0:
+                    curve.log("offline", metrics, step)
+    together.write_back()
+    return [offline_outputs(ctx, agent, info, curve.points)
+            for ctx, agent, info, curve in zip(ctxs, agents, infos, curves)]
 
 
 def run_finetune(ctx: StageContext) -> dict:

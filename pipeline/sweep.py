@@ -95,7 +95,9 @@ class Sweep:
 
     `workers` runs go at once, each with `threads` torch threads (default: the cores shared out).
     With `backend="ray"`, each run is a Ray task (`address` of a cluster, else a local instance);
-    the cache must then be on a filesystem every node sees.
+    the cache must then be on a filesystem every node sees. With `vectorise_offline`, the offline
+    stages of each setting's seeds whose datasets exist are first computed together, as one
+    vectorised update (docs/performance.md), and the runs reuse them.
     """
 
     config: str | None = None
@@ -109,12 +111,15 @@ class Sweep:
     address: str | None = None
     threads: int | None = None
     title: str | None = None
+    vectorise_offline: bool = False
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+        if self.vectorise_offline and self.backend != "local":
+            raise ConfigError("--vectorise-offline runs on this machine: use it with --backend local")
         if not self.seeds:
             raise ConfigError("a sweep needs at least one seed")
         if any(override.split("=", 1)[0].strip() == "seed" for override in self.overrides) or "seed" in self.axes:
@@ -222,6 +227,8 @@ class Sweep:
         todo = [run for run in self.runs if run.status != "finished"]
         self.save(started, None)
         tasks = {id(run): self.task(run) for run in todo}
+        if self.vectorise_offline:
+            self.offline_together(todo, tasks)
         backend = LocalBackend(self.workers) if self.backend == "local" else RayBackend(self.threads, self.address)
         with tqdm(total=len(self.runs), initial=len(self.runs) - len(todo), desc="sweep", unit="run") as bar:
             try:
@@ -247,6 +254,18 @@ class Sweep:
         if self.named:
             return list(self.named)[setting]
         return ", ".join(f"{k}={v}" for k, v in self.settings()[setting].items()) or "base config"
+
+    def offline_together(self, runs: list[SweepRun], tasks: dict) -> None:
+        """Each setting's offline stages computed together, in one process with every thread of the sweep."""
+        groups: dict[int, list[dict]] = {}
+        for run in runs:
+            groups.setdefault(run.setting, []).append(tasks[id(run)])
+        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as executor:
+            for setting, group in groups.items():
+                if len(group) > 1:
+                    job = {"runs": group, "threads": self.threads * self.workers}
+                    count = executor.submit(run_offline_group, job).result()
+                    print(f"[{self.label(setting)}] {count} offline stages computed together")
 
     def task(self, run: SweepRun) -> dict:
         return {"config": self.config, "overrides": self.run_overrides(run.overrides, run.seed),
@@ -320,6 +339,17 @@ def run_one(task: dict) -> dict:
             traceback.print_exc()
             first = str(exc).splitlines()[0] if str(exc) else ""
             return {"status": "failed", "error": f"{type(exc).__name__}: {first} (traceback in {run_dir / 'run.log'})"}
+
+
+def run_offline_group(job: dict) -> int:
+    """The offline stages of one setting's runs, computed together (`compute_offline_together`)."""
+    import torch
+
+    from cqlsac.pipeline.pipeline import Pipeline, compute_offline_together
+
+    torch.set_num_threads(job["threads"])
+    pipes = [Pipeline(PipelineConfig.from_yaml(t["config"], t["overrides"]), run_dir=t["run_dir"]) for t in job["runs"]]
+    return compute_offline_together(pipes)
 
 
 # --- backends --------------------------------------------------------------------------------------
