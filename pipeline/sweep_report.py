@@ -20,6 +20,7 @@ from cqlsac.pipeline.report import fmt, save_figure
 SWEEP_FILE = "sweep.json"
 # Summary figures reported per setting: (key in summary.json, what it is).
 FIGURES = (("final_eval_return", "final return (fine-tuned policy)"),
+           ("final_lowest_window_mean", "lowest mean of 100 consecutive final episodes"),
            ("offline_eval_return", "offline CQL policy"),
            ("sac_final_return", "SAC from scratch, final"),
            ("dataset_mean_return", "dataset (behaviour policy)"))
@@ -99,6 +100,7 @@ def markdown(record: dict, sweep_dir: Path, image: str) -> str:
                   for label, values in groups]
         lines.append("")
     lines += fraction_table(record)
+    lines += episode_table(record)
     lines += improvement_table(record)
     lines += [f"![curves]({image})", "",
               "Curves: IQM over seeds of the mean evaluation return at each evaluation, with its 95% stratified "
@@ -129,6 +131,36 @@ def fraction_table(record: dict) -> list[str]:
         lines.append(f"| {label} | {len(known)} | {len(reached)} | {trivial} | "
                      f"{'never' if middle is None else f'{middle:.2f}'} |")
     return lines + [""] if any_rows else []
+
+
+def median(values: np.ndarray) -> float:
+    return float(np.median(values))
+
+
+def episode_table(record: dict) -> list[str]:
+    """The seed's measure: training episodes until the mean of the last episodes reaches a level, fine-tuning
+    against SAC from scratch, with the median ratio over seeds and its bootstrap interval."""
+    rows = []
+    for label, summaries in settings(record):
+        known = [s for s in summaries if "episode_ratio" in s]
+        if not known:
+            continue
+        ours = [s["finetune_episodes_to_level"] for s in known]
+        sac = [s["sac_episodes_to_level"] for s in known]
+        ratios = np.array([s["episode_ratio"] for s in known if s["episode_ratio"] is not None], dtype=float)
+        level, window = known[0]["episode_return_level"], known[0]["episode_window"]
+        rows.append(f"| {label} | {len(known)} | {_counts(ours)} | {_counts(sac)} | "
+                    f"{estimate(ratios, median) if ratios.size else '-'} |")
+    if not rows:
+        return []
+    return [f"**training episodes until the mean return of the last {window} episodes first reaches {fmt(level)}** "
+            "(per seed; never = not within the budget; the ratio over the seeds where both reached it, its median "
+            "and 95% bootstrap interval)", "", "| setting | runs | fine-tuning | SAC from scratch | ratio, median |",
+            "| --- | --- | --- | --- | --- |", *rows, ""]
+
+
+def _counts(values: list) -> str:
+    return ", ".join("never" if v is None else str(v) for v in values)
 
 
 def improvement_table(record: dict) -> list[str]:
