@@ -1,10 +1,11 @@
 """Forward and backward of a ReLU critic ensemble on oneDNN's fp32 matmul (CPU).
 
-Why: on the AMD EPYC (Zen 5) development machine, MKL, which serves `torch.bmm`/`torch.mm` for
-float32 on CPU, runs its AVX2 code (~96 GFLOP/s per core for (7936x256)@(256x256)), while
-oneDNN's fp32 matmul, reached through `torch.ops.mkldnn._linear_pointwise` (the op inductor
-emits for CPU linears), runs AVX-512 at ~218 GFLOP/s with the same fp32 arithmetic (relative
-error 6e-7 against float64, as MKL's 4e-7). torch exposes no batched fp32 oneDNN matmul, so the
+Why: on some of the development machines (AMD EPYC Zen 5), MKL, which serves `torch.bmm` /
+`torch.mm` for float32 on CPU, runs its AVX2 code, while oneDNN's fp32 matmul, reached through
+`torch.ops.mkldnn._linear_pointwise` (the op inductor emits for CPU linears), runs AVX-512 with
+the same fp32 arithmetic: about twice the speed at the 256-wide critics (docs/performance.md has
+the figures; on other machines and at 64-wide critics the batched matmul can be the faster).
+torch exposes no batched fp32 oneDNN matmul, so the
 members are multiplied one after the other here: for each layer, one oneDNN call per member,
 with the bias and ReLU fused into the forward call. The backward is written out, because that
 op has no autograd formula: per member, dW = h^T g and dX = g W^T as oneDNN matmuls, the ReLU

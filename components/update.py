@@ -20,7 +20,7 @@ def make_optimizer(loss: CQLSACLoss, cfg: OptimConfig, capturable: bool = False)
     """One Adam over four parameter groups (actor, critics, temperature, alpha').
 
     The same as four separate Adams, because Adam's update is per parameter. `fused=True` updates
-    all parameters in one kernel per step instead of ~10 small ops per parameter (CPU and CUDA).
+    all parameters in one kernel per step instead of several small ops per parameter (CPU and CUDA).
     `capturable=True` (CUDA only) keeps the step count on the device, as a CUDA graph requires.
     """
     groups = [
