@@ -127,14 +127,14 @@ class StageContext:
         returns = self.evaluation_returns(actor, episodes)
         return sum(returns) / len(returns)
 
-    def supervisor(self, agent: Agent, record: OnlineRecord | CurveRecord | None = None) -> Supervisor:
-        """The supervisor of this stage's training loop, checkpointing to `<stage dir>/<stage>.state.pt`."""
-        offline = self.name == "offline"
+    def supervisor(self, agent: Agent, record: OnlineRecord | CurveRecord | None = None,
+                   unit: str = "frame") -> Supervisor:
+        """The supervisor of this stage's training loop, whose steps are collected frames (an online
+        loop) or updates (`unit="update"`), checkpointing to `<stage dir>/<stage>.state.pt`."""
         checkpoints = self.cfg.checkpoints
         supervisor = Supervisor(
-            agent, name=self.name, unit="update" if offline else "frame",
-            path=self.dir / f"{self.name}{STATE_SUFFIX}", config_key=self.key,
-            every=checkpoints.offline_every if offline else checkpoints.online_every,
+            agent, name=self.name, unit=unit, path=self.dir / f"{self.name}{STATE_SUFFIX}", config_key=self.key,
+            every=checkpoints.offline_every if unit == "update" else checkpoints.online_every,
             q_bound=self.cfg.q_value_bound, resume=self.resume, record=record,
             on_resume=partial(self.log.drop_after, self.name))
         self.supervisors.append(supervisor)

@@ -206,7 +206,7 @@ def run_offline(ctx: StageContext) -> dict:
     agent, sample, info = offline_agent(ctx)
     curve = CurveRecord(ctx.log)  # for the report, which cannot read the logs of a run that reused this stage
     train_offline(agent, sample, updates=ocfg.updates, log=curve, log_every=ocfg.log_every,
-                  supervisor=ctx.supervisor(agent, curve))
+                  supervisor=ctx.supervisor(agent, curve, unit="update"))
     return offline_outputs(ctx, agent, info, curve.points)
 
 
