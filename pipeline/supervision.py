@@ -204,8 +204,10 @@ class CurveRecord:
 
 
 def rows_state(rows: TensorDictBase) -> dict:
-    """Transitions as plain tensors, for a checkpoint (`torch.load(weights_only=True)` reads them)."""
-    return {"kind": ROWS, "size": rows.shape[0], "data": rows.to_dict()}
+    """Transitions as plain tensors, for a checkpoint (`torch.load(weights_only=True)` reads them).
+    They are copied out first: a slice of a replay buffer is a view, and `torch.save` would write the
+    whole storage behind it."""
+    return {"kind": ROWS, "size": rows.shape[0], "data": rows.clone().to_dict()}
 
 
 def rows_from_state(state: dict) -> TensorDict:

@@ -345,3 +345,14 @@ def test_bad_checkpoints_and_run_dirs_are_one_line_with_status_2(bad_inputs, cap
         err = capsys.readouterr().err
         assert err.startswith(f"cqlsac {argv[0]}: error: {start}") and fix in err, err
         assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_checkpoint_chunk_holds_its_own_rows_not_the_whole_buffer(tmp_path):
+    data = OnlineReplay(100_000, batch_size=2)
+    data.add(TensorDict({"x": torch.zeros(50_000, 8)}, [50_000]))
+    record = supervision.OnlineRecord(data, evals=[])
+    record.state_dict(tmp_path / "s.state.pt")
+    data.add(TensorDict({"x": torch.ones(10, 8)}, [10]))
+    (chunk, last) = sorted(tmp_path.glob("*.rows-*"))[0], record.state_dict(tmp_path / "s.state.pt")["chunks"][-1]
+    assert (tmp_path / last).stat().st_size < 10_000  # 10 rows of 8 floats, not the buffer's 100,000 rows
+    assert chunk.stat().st_size < 50_000 * 8 * 4 * 1.2
