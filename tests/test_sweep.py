@@ -87,6 +87,12 @@ def test_a_failing_run_is_one_line_and_the_others_finish(tmp_path, dataset_store
     report = (sweep_dir / "report.md").read_text()
     assert "Runs: 1 finished, 1 failed, 0 interrupted" in report and "test/gone-v0, seed 0: failed" in report
 
+    results = tmp_path / "docs" / "results.md"  # a results page is generated from the sweeps' records
+    assert main(["report", str(sweep_dir), "--results", str(results)]) == 0
+    page = results.read_text()
+    assert page.startswith("# Results") and f"cqlsac report {sweep_dir} --results {results}" in page
+    assert f"![curves](img/sweep-{sweep_dir.name}.png)" in page and (results.parent / "img").is_dir()
+
 
 def sweep_command(tmp_path, *extra):
     return [sys.executable, "-m", "cqlsac.pipeline.cli", "sweep", "--seeds", "0-1", "baseline.batch_size=16,32",
