@@ -18,12 +18,50 @@ from cqlsac.pipeline.config import ConfigError
 from cqlsac.pipeline.report import fmt, save_figure
 
 SWEEP_FILE = "sweep.json"
-# Summary figures reported per setting: (key in summary.json, what it is).
-FIGURES = (("final_eval_return", "final return (fine-tuned policy)"),
-           ("final_lowest_window_mean", "lowest mean of 100 consecutive final episodes"),
-           ("offline_eval_return", "offline CQL policy"),
-           ("sac_final_return", "SAC from scratch, final"),
-           ("dataset_mean_return", "dataset (behaviour policy)"))
+
+
+def at_budget_share(share: float):
+    """The fine-tuning return at the evaluation nearest to `share` of its budget."""
+    def value(summary: dict) -> float | None:
+        evals = summary.get("finetune_evals")
+        if not evals:
+            return None
+        target = share * evals[-1][0]
+        return min(evals, key=lambda point: abs(point[0] - target))[1]
+    return value
+
+
+def dip(summary: dict) -> float | None:
+    """How far fine-tuning falls below its starting policy after the switch, as a share of the expert -
+    random range of the normalisation (0: it never falls below where it started)."""
+    evals, low, high = summary.get("finetune_evals"), summary.get("ref_min_score"), summary.get("ref_max_score")
+    if not evals or len(evals) < 2 or low is None or high is None:
+        return None
+    return max(0.0, evals[0][1] - min(r for _, r in evals[1:])) / (high - low)
+
+
+def steps_to_sac_final(summary: dict) -> float | None:
+    """Online steps to SAC from scratch's final return over SAC's budget; a run that never reached it
+    counts as its whole budget plus one evaluation interval (a censored value above the others)."""
+    if "finetune_step_fraction" not in summary:
+        return None
+    if summary["finetune_step_fraction"] is not None:
+        return summary["finetune_step_fraction"]
+    evals = summary["finetune_evals"]
+    return (evals[-1][0] + evals[-1][0] - evals[-2][0]) / summary["sac_frames"]
+
+
+# Figures reported per setting: (what it is, its key in summary.json or a function of the summary[, digits]).
+FIGURES = (("final return (fine-tuned policy)", "final_eval_return"),
+           ("lowest mean of 100 consecutive final episodes", "final_lowest_window_mean"),
+           ("fine-tuning return at 10% of its budget", at_budget_share(0.10)),
+           ("fine-tuning return at 25% of its budget", at_budget_share(0.25)),
+           ("fine-tuning return at 50% of its budget", at_budget_share(0.50)),
+           ("the dip after the switch, as a share of the expert - random range", dip, 2),
+           ("online steps to SAC's final return, over SAC's budget (never: budget + one interval)", steps_to_sac_final, 2),
+           ("offline CQL policy", "offline_eval_return"),
+           ("SAC from scratch, final", "sac_final_return"),
+           ("dataset (behaviour policy)", "dataset_mean_return"))
 
 
 def load(sweep_dir: Path) -> dict:
@@ -52,8 +90,9 @@ def settings(record: dict) -> list[tuple[str, list[dict]]]:
     return list(groups.values())
 
 
-def figure(summaries: list[dict], key: str) -> np.ndarray:
-    values = [s.get(key) for s in summaries]
+def figure(summaries: list[dict], key) -> np.ndarray:
+    """The figure `key` (a summary key, or a function of a summary) of every run that has it."""
+    values = [key(s) if callable(key) else s.get(key) for s in summaries]
     return np.array([v for v in values if v is not None], dtype=float)
 
 
@@ -65,13 +104,13 @@ def curve(summaries: list[dict], key: str) -> tuple[np.ndarray, np.ndarray] | No
     return np.array([f for f, _ in curves[0]]), np.array([[r for _, r in c] for c in curves], dtype=float)
 
 
-def estimate(values: np.ndarray, statistic) -> str:
+def estimate(values: np.ndarray, statistic, digits: int = 1) -> str:
     if values.size == 0:
         return "-"
     if values.size == 1:
-        return f"{fmt(float(values[0]))} (one run)"
+        return f"{fmt(float(values[0]), digits)} (one run)"
     est = interval_estimate(values, statistic)
-    return f"{fmt(est['point'])} [{fmt(est['low'])}, {fmt(est['high'])}]"
+    return f"{fmt(est['point'], digits)} [{fmt(est['low'], digits)}, {fmt(est['high'], digits)}]"
 
 
 def markdown(record: dict, sweep_dir: Path, image: str) -> str:
@@ -91,12 +130,14 @@ def markdown(record: dict, sweep_dir: Path, image: str) -> str:
              + f"{compute / 60:.1f} min of stage compute in these runs (stages reused from the cache cost none here). "
              f"Runs: {counts['finished']} finished, {counts['failed']} failed, {counts['interrupted']} interrupted.", "",
              "Each cell: the statistic over the seeds, then its 95% stratified bootstrap interval in brackets.", ""]
-    for key, what in FIGURES:
+    for what, key, *digits in FIGURES:
+        digits = digits[0] if digits else 1
         groups = [(label, figure(summaries, key)) for label, summaries in settings(record)]
         if not any(values.size for _, values in groups):
             continue
-        lines += [f"**{what}** (`{key}`)", "", "| setting | runs | mean | IQM |", "| --- | --- | --- | --- |"]
-        lines += [f"| {label} | {values.size} | {estimate(values, mean)} | {estimate(values, iqm)} |"
+        lines += [f"**{what}**" + ("" if callable(key) else f" (`{key}`)"), "", "| setting | runs | mean | IQM |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {label} | {values.size} | {estimate(values, mean, digits)} | {estimate(values, iqm, digits)} |"
                   for label, values in groups]
         lines.append("")
     lines += fraction_table(record)
