@@ -388,7 +388,11 @@ class LocalBackend:
         return self.executor.submit(run_one, task)
 
     def finished(self, handles: list) -> list:
-        return list(wait(handles, return_when=FIRST_COMPLETED)[0])
+        # With a timeout, so that the main thread wakes to take a signal delivered to another thread.
+        while True:
+            done = wait(handles, timeout=0.5, return_when=FIRST_COMPLETED)[0]
+            if done:
+                return list(done)
 
     def result(self, future, stopped: bool = False) -> dict:
         if future.cancelled():
@@ -429,7 +433,10 @@ class RayBackend:
         return self.remote.remote(task)
 
     def finished(self, handles: list) -> list:
-        return self.ray.wait(handles, num_returns=1)[0]
+        while True:  # with a timeout, so that the main thread takes Ctrl-C at once
+            ready = self.ray.wait(handles, num_returns=1, timeout=0.5)[0]
+            if ready:
+                return ready
 
     def result(self, ref, stopped: bool = False) -> dict:
         try:
