@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from cqlsac.components.checkpoints import atomic_write
-from cqlsac.components.statistics import interval_estimate, iqm, mean, probability_of_improvement_ci
+from cqlsac.components.statistics import (
+    interval_estimate,
+    iqm,
+    mean,
+    performance_profile,
+    probability_of_improvement_ci,
+)
 from cqlsac.pipeline.config import ConfigError
 from cqlsac.pipeline.report import fmt, save_figure
 
@@ -144,8 +150,9 @@ def markdown(record: dict, sweep_dir: Path, image: str) -> str:
     lines += episode_table(record)
     lines += improvement_table(record)
     lines += [f"![curves]({image})", "",
-              "Curves: IQM over seeds of the mean evaluation return at each evaluation, with its 95% stratified "
-              "bootstrap band.", ""]
+              "Left: IQM over seeds of the mean evaluation return at each evaluation, with its 95% stratified "
+              "bootstrap band (SAC from scratch dashed). Right, with several settings: the fraction of each "
+              "setting's runs whose final return is above each level (performance profiles).", ""]
     failed = [r for r in runs if r["status"] != "finished"]
     if failed:
         lines += ["Runs not finished:", ""] + [f"- {setting_label(record, r)}, seed {r['seed']}: {r['status']}"
@@ -225,29 +232,41 @@ def improvement_table(record: dict) -> list[str]:
 
 
 def plot(record: dict, path: Path) -> None:
+    """Learning curves (IQM over seeds with its band; SAC from scratch dashed, once per distinct curve)
+    and, with two settings or more, the performance profiles of their final returns."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
-    drawn_baseline = False
-    for label, summaries in settings(record):
-        for key, name in (("finetune_evals", label), ("baseline_evals", "SAC from scratch")):
-            if key == "baseline_evals" and drawn_baseline:
-                continue  # the baseline reads none of the swept fine-tuning settings: drawn once
+    groups = settings(record)
+    finals = [(label, figure(summaries, "final_eval_return")) for label, summaries in groups]
+    finals = [(label, values) for label, values in finals if values.size]
+    fig, axes = plt.subplots(1, 2 if len(finals) > 1 else 1, figsize=(12 if len(finals) > 1 else 7, 4.2),
+                             squeeze=False)
+    ax = axes[0, 0]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    drawn: list[np.ndarray] = []
+    for index, (label, summaries) in enumerate(groups):
+        colour = colours[index % len(colours)]
+        for key, name, style in (("finetune_evals", label, "-"), ("baseline_evals", "SAC from scratch", "--")):
             points = curve(summaries, key)
-            if points is None:
+            if points is None or any(np.array_equal(points[1], other) for other in drawn):
                 continue
             frames, returns = points
+            drawn.append(returns)
             bands = [interval_estimate(returns[:, i], iqm, reps=2000) for i in range(returns.shape[1])]
-            colour = next(colours)
-            style = "--" if key == "baseline_evals" else "-"
             ax.plot(frames, [b["point"] for b in bands], style, color=colour, label=f"{name} ({returns.shape[0]} seeds)")
-            ax.fill_between(frames, [b["low"] for b in bands], [b["high"] for b in bands], color=colour, alpha=0.2)
-            drawn_baseline |= key == "baseline_evals"
+            ax.fill_between(frames, [b["low"] for b in bands], [b["high"] for b in bands], color=colour, alpha=0.15)
     ax.set(xlabel="online environment steps", ylabel="evaluation return (IQM over seeds)")
+    if len(finals) > 1:
+        every = np.concatenate([values for _, values in finals])
+        thresholds = np.linspace(every.min(), every.max(), 200)
+        for index, (label, values) in enumerate(finals):
+            axes[0, 1].step(thresholds, performance_profile(values, thresholds), color=colours[index % len(colours)],
+                            label=label)
+        axes[0, 1].set(xlabel="final return tau", ylabel="fraction of runs with a final return above tau",
+                       title="performance profiles")
     save_figure(fig, path)
 
 
