@@ -111,6 +111,7 @@ class Sweep:
     address: str | None = None
     threads: int | None = None
     title: str | None = None
+    description: str | None = None
     vectorise_offline: bool = False
 
     def __post_init__(self):
@@ -157,9 +158,10 @@ class Sweep:
     @classmethod
     def from_yaml(cls, path: str | Path, **execution) -> Sweep:
         """A sweep from a YAML file with `config`, `seeds` (a list or a string like 0-9), `axes`
-        (key: [values]) or `settings` (name: {key: value, ...}), `overrides` (key: value) and `title`."""
+        (key: [values]) or `settings` (name: {key: value, ...}), `overrides` (key: value), and the
+        `title` and `description` of its report."""
         data = read_yaml(resolve_config_path(path))
-        valid = {"config", "seeds", "axes", "settings", "overrides", "title"}
+        valid = {"config", "seeds", "axes", "settings", "overrides", "title", "description"}
         unknown = sorted(set(data) - valid)
         if unknown:
             raise ConfigError(f"sweep file {path}: unknown key(s) {unknown} (valid: {', '.join(sorted(valid))})")
@@ -171,7 +173,7 @@ class Sweep:
         named = {str(name): {key: as_override(key, value).split("=", 1)[1] for key, value in setting.items()}
                  for name, setting in (data.get("settings") or {}).items()}
         return cls(config=data.get("config"), seeds=seeds, axes=axes, overrides=overrides, named=named,
-                   title=data.get("title"), **execution)
+                   title=data.get("title"), description=data.get("description"), **execution)
 
     @classmethod
     def resumed(cls, sweep_dir: str | Path, **execution) -> Sweep:
@@ -181,7 +183,8 @@ class Sweep:
             raise ConfigError(f"{sweep_dir} is not a sweep directory (no {SWEEP_FILE} in it)")
         spec = json.loads(record.read_text())["spec"]
         return cls(config=spec["config"], seeds=spec["seeds"], axes=spec["axes"], overrides=spec["overrides"],
-                   named=spec.get("named", {}), title=spec.get("title"), sweep_dir=str(sweep_dir), **execution)
+                   named=spec.get("named", {}), title=spec.get("title"), description=spec.get("description"),
+                   sweep_dir=str(sweep_dir), **execution)
 
     def settings(self) -> list[dict[str, str]]:
         """The named settings, or every combination of the axes' values, the first axis varying slowest."""
@@ -283,7 +286,7 @@ class Sweep:
     def save(self, started: float, ended: float | None) -> dict:
         record = {
             "spec": {"config": self.config, "seeds": self.seeds, "axes": self.axes, "overrides": self.overrides,
-                     "named": self.named, "title": self.title},
+                     "named": self.named, "title": self.title, "description": self.description},
             "command": " ".join(["cqlsac", *sys.argv[1:]]) if Path(sys.argv[0]).name == "cqlsac" else None,
             "backend": self.backend, "workers": self.workers, "threads": self.threads,
             "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),

@@ -126,7 +126,8 @@ def markdown(record: dict, sweep_dir: Path, image: str) -> str:
     counts = {status: sum(r["status"] == status for r in runs) for status in ("finished", "failed", "interrupted")}
     compute = sum(sum(v for v in (r["summary"] or {}).get("stage_seconds", {}).values()) for r in runs)
     machine = record["machine"]
-    lines = [f"## {title}", "",
+    description = record["spec"].get("description")
+    lines = [f"## {title}", "", *([" ".join(description.split()), ""] if description else []),
              f"Command: `{record['command'] or '(from Python)'}`; config `{record['spec']['config'] or 'default'}`"
              + (f" with {', '.join(f'`{o}`' for o in record['spec']['overrides'])}" if record['spec']['overrides'] else "")
              + f"; seeds {_seed_text(record['spec']['seeds'])}.",

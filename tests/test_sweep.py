@@ -66,10 +66,12 @@ def test_a_bad_sweep_fails_before_any_run(tmp_path, capsys, assignments, message
 
 def test_a_sweep_from_a_yaml_file(tmp_path):
     spec = tmp_path / "sweep.yaml"
-    spec.write_text("config: smoke\nseeds: 0-2\ntitle: Mixing\naxes:\n  finetune.mixing: [fixed, merged]\n"
+    spec.write_text("config: smoke\nseeds: 0-2\ntitle: Mixing\ndescription: Does the mixing matter?\naxes:\n  finetune.mixing: [fixed, merged]\n"
                     "  network.actor_hidden: [[32, 32], [64, 64]]\noverrides:\n  offline.updates: 50\n")
     sweep = Sweep.from_yaml(spec, sweep_dir=str(tmp_path / "s"))
-    assert len(sweep.runs) == 12 and sweep.title == "Mixing"
+    assert len(sweep.runs) == 12 and (sweep.title, sweep.description) == ("Mixing", "Does the mixing matter?")
+    sweep.save(started=0.0, ended=None)
+    assert Sweep.resumed(tmp_path / "s").description == "Does the mixing matter?"
     cfg = sweep.run_config(sweep.runs[-1].overrides, 2)
     assert (cfg.network.actor_hidden, cfg.finetune.mixing, cfg.offline.updates) == ((64, 64), "merged", 50)
 
