@@ -66,7 +66,8 @@ def test_a_bad_sweep_fails_before_any_run(tmp_path, capsys, assignments, message
 
 def test_a_sweep_from_a_yaml_file(tmp_path):
     spec = tmp_path / "sweep.yaml"
-    spec.write_text("config: smoke\nseeds: 0-2\ntitle: Mixing\ndescription: Does the mixing matter?\naxes:\n  finetune.mixing: [fixed, merged]\n"
+    spec.write_text("config: smoke\nseeds: 0-2\ntitle: Mixing\ndescription: Does the mixing matter?\n"
+                    "axes:\n  finetune.mixing: [fixed, merged]\n"
                     "  network.actor_hidden: [[32, 32], [64, 64]]\noverrides:\n  offline.updates: 50\n")
     sweep = Sweep.from_yaml(spec, sweep_dir=str(tmp_path / "s"))
     assert len(sweep.runs) == 12 and (sweep.title, sweep.description) == ("Mixing", "Does the mixing matter?")
