@@ -150,6 +150,7 @@ def markdown(record: dict, sweep_dir: Path, image: str) -> str:
     lines += fraction_table(record)
     lines += episode_table(record)
     lines += improvement_table(record)
+    lines += run_table(record)
     lines += [f"![curves]({image})", "",
               "Left: IQM over seeds of the mean evaluation return at each evaluation, with its 95% stratified "
               "bootstrap band (SAC from scratch dashed). Right, with several settings: the fraction of each "
@@ -157,7 +158,7 @@ def markdown(record: dict, sweep_dir: Path, image: str) -> str:
     failed = [r for r in runs if r["status"] != "finished"]
     if failed:
         lines += ["Runs not finished:", ""] + [f"- {setting_label(record, r)}, seed {r['seed']}: {r['status']}"
-                                               f" ({r['error']})" for r in failed] + [""]
+                                               + (f" ({r['error']})" if r.get("error") else "") for r in failed] + [""]
     return "\n".join(lines)
 
 
@@ -210,6 +211,23 @@ def episode_table(record: dict) -> list[str]:
 
 def _counts(values: list) -> str:
     return ", ".join("never" if v is None else str(v) for v in values)
+
+
+RUN_COLUMNS = (("final", "final_eval_return"), ("offline", "offline_eval_return"),
+               ("SAC from scratch", "sac_final_return"), ("dataset", "dataset_mean_return"))
+
+
+def run_table(record: dict) -> list[str]:
+    """Every finished run's own numbers, so that two sweeps of the same runs can be compared run by run."""
+    finished = [r for r in record["runs"] if r["status"] == "finished"]
+    columns = [(name, key) for name, key in RUN_COLUMNS if any(r["summary"].get(key) is not None for r in finished)]
+    if not finished or not columns:
+        return []
+    rows = [f"| {setting_label(record, r)} | {r['seed']} | "
+            + " | ".join("-" if r["summary"].get(key) is None else f"{r['summary'][key]:.4f}" for _, key in columns) + " |"
+            for r in finished]
+    return ["**each run** (returns to 4 decimals)", "", "| setting | seed | " + " | ".join(n for n, _ in columns) + " |",
+            "|---" * (len(columns) + 2) + "|", *rows, ""]
 
 
 def improvement_table(record: dict) -> list[str]:

@@ -36,3 +36,14 @@ def test_finetune_comparison_near_level_between_random_and_sac_final():
     assert out["finetune_steps_to_sac_final"] is None and out["finetune_step_fraction"] is None
     assert out["finetune_steps_to_sac_final_near"] == 1000
     assert out["finetune_step_fraction_near"] == 0.25
+
+
+def test_the_sweep_report_lists_each_runs_numbers():
+    from cqlsac.pipeline.sweep_report import run_table
+
+    record = {"spec": {"named": {}}, "runs": [
+        {"setting": 0, "seed": 0, "overrides": {}, "status": "finished",
+         "summary": {"final_eval_return": -139.59148, "sac_final_return": -375.847}},
+        {"setting": 0, "seed": 1, "overrides": {}, "status": "failed", "summary": None}]}
+    assert run_table(record) == ["**each run** (returns to 4 decimals)", "", "| setting | seed | final | SAC from scratch |",
+                                 "|---|---|---|---|", "| base config | 0 | -139.5915 | -375.8470 |", ""]
