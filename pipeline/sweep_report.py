@@ -57,6 +57,12 @@ def steps_to_sac_final(summary: dict) -> float | None:
     return (evals[-1][0] + evals[-1][0] - evals[-2][0]) / summary["sac_frames"]
 
 
+def compute_minutes(summary: dict) -> float | None:
+    """Minutes the run spent computing its stages (stages it reused from the cache cost nothing)."""
+    seconds = summary.get("stage_seconds")
+    return sum(seconds.values()) / 60 if seconds else None
+
+
 # Figures reported per setting: (what it is, its key in summary.json or a function of the summary[, digits]).
 FIGURES = (("final return (fine-tuned policy)", "final_eval_return"),
            ("lowest mean of 100 consecutive final episodes", "final_lowest_window_mean"),
@@ -67,7 +73,8 @@ FIGURES = (("final return (fine-tuned policy)", "final_eval_return"),
            ("online steps to SAC's final return, over SAC's budget (never: budget + one interval)", steps_to_sac_final, 2),
            ("offline CQL policy", "offline_eval_return"),
            ("SAC from scratch, final", "sac_final_return"),
-           ("dataset (behaviour policy)", "dataset_mean_return"))
+           ("dataset (behaviour policy)", "dataset_mean_return"),
+           ("compute per run in minutes (the stages it ran; stages reused from the cache cost none)", compute_minutes))
 
 
 def load(sweep_dir: Path) -> dict:

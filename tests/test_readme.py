@@ -34,3 +34,12 @@ def test_readme_blocks_run_as_pasted(tmp_path):
         done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{language} block failed:\n{code}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
         assert "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+def test_the_readme_results_are_copied_from_the_generated_results_page():
+    """Every estimate in the README's results table (a value with its interval) appears in docs/results.md."""
+    section = README.read_text().split("## Results", 1)[1].split("\n## ", 1)[0]
+    estimates = re.findall(r"-?[\d,]+\.\d+ \[-?[\d,]+\.\d+, -?[\d,]+\.\d+\]", section)
+    assert estimates, "the README's results section has no estimates"
+    page = (README.parent / "docs" / "results.md").read_text()
+    assert [e for e in estimates if e not in page] == []
