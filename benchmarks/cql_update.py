@@ -672,7 +672,7 @@ def main(argv=None):
     print(f"malloc tuning (components.allocator.keep_freed_memory): {'on' if malloc_tuned else 'off'}"
           f" | {ENV_SWITCH}={os.environ.get(ENV_SWITCH, 'unset')}")
     probe = torch.zeros(1, 1, device=device)
-    onednn = EnsembleMLP.use_onednn and onednn_ensemble.available_for(probe, [probe], torch.nn.ReLU())
+    onednn = EnsembleMLP.use_onednn and onednn_ensemble.available_for(probe, [probe, probe], torch.nn.ReLU())
     print(f"critic ensemble matmuls: {'oneDNN fp32 (components/onednn_ensemble.py)' if onednn else 'torch.baddbmm'}")
     if args.pipeline_sizes:
         run_pipeline_sizes(args, device, sync, cores)

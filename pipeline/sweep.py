@@ -196,10 +196,13 @@ class Sweep:
     def plan(self) -> list[SweepRun]:
         """The runs, setting by setting (so that runs at once differ in seed and share no stage), with the
         status of any earlier attempt of this sweep directory."""
-        earlier = {}
+        earlier, self.earlier_sessions = {}, []
         record = Path(self.sweep_dir) / SWEEP_FILE
         if record.is_file():
-            earlier = {(r["setting"], r["seed"]): r for r in json.loads(record.read_text())["runs"]}
+            recorded = json.loads(record.read_text())
+            earlier = {(r["setting"], r["seed"]): r for r in recorded["runs"]}
+            self.earlier_sessions = recorded.get("sessions") or [
+                {key: recorded.get(key) for key in ("command", "started", "wall_seconds")}]
         runs = []
         for index, setting in enumerate(self.settings()):
             for seed in self.seeds:
@@ -284,13 +287,19 @@ class Sweep:
         return f"[{label} | seed {run.seed}] {outcome}"
 
     def save(self, started: float, ended: float | None) -> dict:
+        """Write `sweep.json`. A resumed sweep keeps its first command and start; its wall time is the sum
+        over its sessions (unknown while one is running or when one was cut off), each listed in `sessions`."""
+        session = {"command": " ".join(["cqlsac", *sys.argv[1:]]) if Path(sys.argv[0]).name == "cqlsac" else None,
+                   "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
+                   "wall_seconds": None if ended is None else round(ended - started, 1)}
+        sessions = [*self.earlier_sessions, session]
+        walls = [s["wall_seconds"] for s in sessions]
         record = {
             "spec": {"config": self.config, "seeds": self.seeds, "axes": self.axes, "overrides": self.overrides,
                      "named": self.named, "title": self.title, "description": self.description},
-            "command": " ".join(["cqlsac", *sys.argv[1:]]) if Path(sys.argv[0]).name == "cqlsac" else None,
-            "backend": self.backend, "workers": self.workers, "threads": self.threads,
-            "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
-            "wall_seconds": None if ended is None else round(ended - started, 1),
+            "command": sessions[0]["command"], "backend": self.backend, "workers": self.workers,
+            "threads": self.threads, "machine": machine(), "started": sessions[0]["started"],
+            "wall_seconds": None if None in walls else round(sum(walls), 1), "sessions": sessions,
             "runs": [asdict(run) for run in self.runs],
         }
         atomic_json(Path(self.sweep_dir) / SWEEP_FILE, record)

@@ -140,9 +140,13 @@ def markdown(record: dict, sweep_dir: Path, image: str) -> str:
              + f"; seeds {_seed_text(record['spec']['seeds'])}.",
              f"Ran {record['started']} on {machine['cpu']} ({machine['cores']} cores), {record['backend']} backend, "
              f"{record['workers']} at once with {record['threads']} thread(s) each: "
-             + (f"{record['wall_seconds'] / 60:.1f} min wall, " if record["wall_seconds"] else "")
+             + (f"{record['wall_seconds'] / 60:.1f} min wall, " if record["wall_seconds"]
+                else "wall time not known (a session was cut off), " if len(record.get("sessions", [])) > 1 else "")
              + f"{compute / 60:.1f} min of stage compute in these runs (stages reused from the cache cost none here). "
-             f"Runs: {counts['finished']} finished, {counts['failed']} failed, {counts['interrupted']} interrupted.", "",
+             f"Runs: {counts['finished']} finished, {counts['failed']} failed, {counts['interrupted']} interrupted."
+             + "".join(f" Resumed {session['started']} by `{session['command'] or '(from Python)'}`"
+                       + (f" ({session['wall_seconds'] / 60:.1f} min)." if session["wall_seconds"] else ".")
+                       for session in record.get("sessions", [])[1:]), "",
              "Each cell: the statistic over the seeds, then its 95% stratified bootstrap interval in brackets.", ""]
     for what, key, *digits in FIGURES:
         digits = digits[0] if digits else 1

@@ -129,6 +129,10 @@ def test_a_killed_sweep_resumes_keeping_its_finished_runs(tmp_path):
     assert all(run["status"] == "finished" for run in after.values())
     for key in finished:  # kept as they were, not run again
         assert after[key]["summary"] == before[key]["summary"]
+    record, first = json.loads(record_path.read_text()), json.loads(record_path.read_text())["sessions"][0]
+    assert len(record["sessions"]) == 2 and record["started"] == first["started"]
+    assert first["wall_seconds"] is None and record["wall_seconds"] is None  # the killed session's time is unknown
+    assert record["sessions"][1]["wall_seconds"] > 0
 
 
 def test_ctrl_c_stops_the_whole_sweep_with_status_130(tmp_path):
