@@ -36,7 +36,7 @@ from cqlsac.datasets import (
 )
 from cqlsac.pipeline.config import ConfigError, OnlineConfig, PipelineConfig, finetune_loss
 from cqlsac.pipeline.loops import train_offline, train_online
-from cqlsac.pipeline.supervision import CurveRecord, DivergenceError, OnlineRecord
+from cqlsac.pipeline.supervision import CurveRecord, OnlineRecord
 
 if TYPE_CHECKING:
     from cqlsac.pipeline.pipeline import StageContext
@@ -228,6 +228,7 @@ def run_offline_together(ctxs: list[StageContext], torch_seeds: list[int], compi
         curves.append(CurveRecord(ctx.log))
         streams.append(torch.get_rng_state())
     together = VectorisedAgents(agents, compile=compile)
+    watchers = [ctx.supervisor(agent, unit="update") for ctx, agent in zip(ctxs, agents)]  # divergence checks only
     for step in tqdm(range(1, ocfg.updates + 1), desc=f"offline x{len(ctxs)}", mininterval=2.0):
         batches, noises = [], []
         for k, agent in enumerate(agents):
@@ -237,11 +238,9 @@ def run_offline_together(ctxs: list[StageContext], torch_seeds: list[int], compi
             streams[k] = torch.get_rng_state()
         out = together.update(torch.stack(batches), {key: torch.stack([n[key] for n in noises]) for key in noises[0]})
         if step % ocfg.log_every == 0 or step == ocfg.updates:
-            for k, (ctx, curve) in enumerate(zip(ctxs, curves)):
+            for k, (watcher, curve) in enumerate(zip(watchers, curves)):
                 metrics = TensorDict({key: value[k] for key, value in out.items()}, [])
-                if not all(torch.isfinite(v).all() for v in metrics.values()):
-                    raise DivergenceError(f"[offline] seed {ctx.seed}: training diverged (a loss became NaN/Inf by "
-                                          f"update {step}); lower the learning rates or the CQL weight")
+                watcher.check(metrics, step)
                 if step % ocfg.log_every == 0:
                     curve.log("offline", metrics, step)
     together.write_back()

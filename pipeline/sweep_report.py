@@ -131,7 +131,7 @@ def markdown(record: dict, sweep_dir: Path, image: str) -> str:
     title = record["spec"].get("title") or f"Sweep `{Path(sweep_dir).name}`"
     runs = record["runs"]
     counts = {status: sum(r["status"] == status for r in runs) for status in ("finished", "failed", "interrupted")}
-    compute = sum(sum(v for v in (r["summary"] or {}).get("stage_seconds", {}).values()) for r in runs)
+    compute = 60 * sum(compute_minutes(r["summary"] or {}) or 0.0 for r in runs)
     machine = record["machine"]
     description = record["spec"].get("description")
     lines = [f"## {title}", "", *([" ".join(description.split()), ""] if description else []),
