@@ -242,3 +242,39 @@ def test_the_compiled_loss_computes_what_the_eager_one_does(monkeypatch, discret
     for p, q in zip(losses[0].parameters(), losses[1].parameters()):
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad)
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_actor_writes_what_a_plain_tensordict_module_writes(discrete, monkeypatch):
+    """The actor's parameter module skips `TensorDict.from_any`; samples and parameters are unchanged."""
+    from tensordict.nn import TensorDictModule
+    from torchrl.data import Categorical
+
+    from cqlsac.components import networks
+
+    obs_spec = Unbounded(shape=(3,))
+    act_spec = Categorical(4) if discrete else Bounded(low=-2 * torch.ones(1), high=2 * torch.ones(1), shape=(1,))
+    fast = make_actor(obs_spec, act_spec, NetworkConfig(actor_hidden=(8, 8)))
+    with monkeypatch.context() as patch:
+        patch.setattr(networks, "TensorOutputModule", TensorDictModule)
+        plain = make_actor(obs_spec, act_spec, NetworkConfig(actor_hidden=(8, 8)))
+    plain.load_state_dict(fast.state_dict())
+    from_any_calls = []
+    from_any = TensorDict.from_any.__func__
+
+    def counted(cls, obj, **kwargs):
+        from_any_calls.append(type(obj))
+        return from_any(cls, obj, **kwargs)
+
+    monkeypatch.setattr(TensorDict, "from_any", classmethod(counted))
+    obs = TensorDict({"observation": torch.randn(5, 3)}, [5])
+    torch.manual_seed(3)
+    out_plain = plain(obs.clone())
+    assert from_any_calls, "the plain module no longer converts its outputs: the fast path is moot"
+    from_any_calls.clear()
+    torch.manual_seed(3)
+    out_fast = fast(obs.clone())
+    assert not from_any_calls
+    assert set(out_fast.keys()) == set(out_plain.keys())
+    for key in out_plain.keys():
+        assert torch.equal(out_fast[key], out_plain[key]), key
