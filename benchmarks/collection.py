@@ -1,7 +1,7 @@
 """Speed of experience collection and evaluation: raw gymnasium against our collector and `evaluate_policy`.
 
 Run from the repository root:
-    python benchmarks/collection.py [--quick] [--env Pendulum-v1] [--num-envs 4 8 16]
+    python benchmarks/collection.py [--quick] [--env Pendulum-v1] [--num-envs 4 16 64]
     python benchmarks/collection.py --env LunarLander-v3 --env-kwargs '{"continuous": true}'
 
 Online training spends its env time in a TorchRL `Collector` (`components.collector.make_collector`
@@ -24,8 +24,9 @@ What the env itself costs is the floor under both, so everything is set against 
 All are timed in interleaved rounds in one process, so that a slow spell of a shared machine hits
 all of them alike. The actor is untrained (its episodes on LunarLander end early or time out).
 
-The last two lines are for scripts:
+The last lines are for scripts:
     collection_vs_raw_env_step: X    (frames/s of the fastest collector / frames/s of raw env.step)
+    collection_vs_raw_env_step_1_env: X1   (the same for one env, the pipeline's default)
     evaluation_speedup: Y            (episodes/s of evaluate_policy / episodes/s one after another)
 """
 
@@ -58,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="gymnasium env id, e.g. LunarLander-v3 with --env-kwargs '{\"continuous\": true}'")
     p.add_argument("--env-kwargs", type=json.loads, default={},
                    help='keyword arguments of gym.make as JSON, e.g. \'{"continuous": true}\' for LunarLander-v3')
-    p.add_argument("--num-envs", type=int, nargs="+", default=[4, 8, 16], help="sizes N of the vector envs")
+    p.add_argument("--num-envs", type=int, nargs="+", default=[4, 16, 64], help="sizes N of the vector envs")
     p.add_argument("--frames-per-batch", type=int, default=1000, help="collector batch (rounded down to a multiple of N)")
     p.add_argument("--episodes", type=int, default=10, help="evaluation episodes per call")
     p.add_argument("--hidden", type=int, default=64, help="width of the actor's two hidden layers (the pipeline: 64)")
@@ -190,6 +191,7 @@ def main(argv=None):
           f"evaluate_policy / one after another: {speedup:.2f}x")
     print(f"(total run time {time.perf_counter() - t_run:.0f} s; {load_note(cores)})")
     print(f"collection_vs_raw_env_step: {collectors[best] / raw:.3f}")
+    print(f"collection_vs_raw_env_step_1_env: {collectors['collector, 1 env'] / raw:.3f}")
     print(f"evaluation_speedup: {speedup:.3f}")
 
 
