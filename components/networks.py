@@ -12,9 +12,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from tensordict import TensorDictBase
 from tensordict.nn import InteractionType, NormalParamExtractor, TensorDictModule
 from torch import nn
 from torchrl.data import Bounded, Categorical, TensorSpec
+from torchrl.envs.utils import exploration_type
 from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
 
 from cqlsac.components import onednn_ensemble
@@ -54,9 +56,50 @@ class TensorOutputModule(TensorDictModule):
         return super()._write_to_tensordict(tensordict, tensors, tensordict_out, out_keys)
 
 
+class SquashedGaussianActor(ProbabilisticActor):
+    """The continuous policy: a `ProbabilisticActor` over a `TanhNormal` whose plain action calls
+    skip building the distribution.
+
+    In collection and evaluation a call is one small MLP, and building the `TanhNormal` and
+    sampling through its transforms costs several times the MLP (docs/performance.md). A call on a
+    tensordict alone, without gradients, under the RANDOM or DETERMINISTIC interaction type,
+    computes what the distribution would, with the same random draw: the Gaussian sample
+    `loc + eps * scale` (eps drawn as `Normal.rsample` draws it) or `loc`, then tanh clamped within
+    float resolution of +-1 (torchrl's `SafeTanhTransform`), then into the action box. Every other
+    call takes the parent's path.
+    """
+
+    def forward(self, *args, **kwargs):
+        mode = exploration_type() or self.module[-1].default_interaction_type
+        if (len(args) != 1 or kwargs or not isinstance(args[0], TensorDictBase) or torch.is_grad_enabled()
+                or mode not in (InteractionType.RANDOM, InteractionType.DETERMINISTIC)):
+            return super().forward(*args, **kwargs)
+        tensordict = args[0]
+        loc, scale = self.module[0].module(tensordict.get("observation"))
+        pre_tanh = loc if mode is InteractionType.DETERMINISTIC else loc + torch.empty_like(loc).normal_() * scale
+        limit = 1.0 - torch.finfo(pre_tanh.dtype).resolution
+        action = pre_tanh.tanh().clamp(-limit, limit)
+        if self.box_affine is not None:
+            centre, half_width = (t.to(action.device) for t in self.box_affine)
+            action = centre + half_width * action
+        tensordict.set("loc", loc)
+        tensordict.set("scale", scale)
+        tensordict.set("action", action)
+        return tensordict
+
+    @property
+    def box_affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(centre, half-width) of the action box, as `TanhNormal` maps [-1, 1] into it; None for [-1, 1]."""
+        kwargs = self.module[-1].distribution_kwargs
+        low, high = kwargs["low"], kwargs["high"]
+        if not ((high != 1.0).any() or (low != -1.0).any()):
+            return None
+        return (high + low) / 2, (high - low) / 2
+
+
 def make_actor(observation_spec: TensorSpec, action_spec: TensorSpec, cfg: NetworkConfig) -> ProbabilisticActor:
-    """The policy: a squashed Gaussian (MLP -> (loc, scale) -> TanhNormal in the action box), or for
-    discrete actions a categorical one (MLP -> logits -> Categorical).
+    """The policy: a squashed Gaussian (MLP -> (loc, scale) -> TanhNormal in the action box, a
+    `SquashedGaussianActor`), or for discrete actions a categorical one (MLP -> logits -> Categorical).
 
     Samples at random under the default (training) exploration type; under
     `ExplorationType.DETERMINISTIC` it returns the squashed mean, or the most probable action,
@@ -78,7 +121,7 @@ def make_actor(observation_spec: TensorSpec, action_spec: TensorSpec, cfg: Netwo
         NormalParamExtractor(scale_mapping="biased_softplus_1.0", scale_lb=cfg.scale_lb),
     )
     params = TensorOutputModule(net, in_keys=["observation"], out_keys=["loc", "scale"])
-    return ProbabilisticActor(
+    return SquashedGaussianActor(
         params,
         in_keys=["loc", "scale"],
         spec=action_spec,

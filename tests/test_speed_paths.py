@@ -278,3 +278,57 @@ def test_actor_writes_what_a_plain_tensordict_module_writes(discrete, monkeypatc
     assert set(out_fast.keys()) == set(out_plain.keys())
     for key in out_plain.keys():
         assert torch.equal(out_fast[key], out_plain[key]), key
+
+
+@pytest.mark.parametrize("low, high", [(-2.0, 2.0), (-1.0, 1.0), (0.0, 3.0)])
+@pytest.mark.parametrize("batch", [(), (5,), (4, 3)])
+@pytest.mark.parametrize("mode", ["random", "deterministic"])
+def test_squashed_gaussian_actor_acts_as_its_distribution_would(low, high, batch, mode, monkeypatch):
+    """The fast action path gives the TanhNormal's action bit for bit, with the same random draws,
+    also where tanh saturates; and it builds no distribution."""
+    from tensordict.nn import ProbabilisticTensorDictSequential
+    from torchrl.envs.utils import ExplorationType, set_exploration_type
+    from torchrl.modules import TanhNormal
+
+    from cqlsac.components.networks import SquashedGaussianActor
+
+    torch.manual_seed(0)
+    act_spec = Bounded(low=torch.tensor([low, low]), high=torch.tensor([high, high]), shape=(2,))
+    actor = make_actor(Unbounded(shape=(3,)), act_spec, NetworkConfig(actor_hidden=(8, 8)))
+    assert isinstance(actor, SquashedGaussianActor)
+    with torch.no_grad():
+        for p in actor.parameters():
+            p.mul_(6.0)  # large locs: some actions saturate at the clamp
+    obs = TensorDict({"observation": 3 * torch.randn(*batch, 3)}, batch)
+    exploration = ExplorationType.RANDOM if mode == "random" else ExplorationType.DETERMINISTIC
+    with torch.no_grad(), set_exploration_type(exploration):
+        torch.manual_seed(11)
+        reference = ProbabilisticTensorDictSequential.forward(actor, obs.clone())
+        rng_after_reference = torch.get_rng_state()
+        torch.manual_seed(11)
+        with monkeypatch.context() as patch:
+            patch.setattr(TanhNormal, "__init__", lambda *a, **k: pytest.fail("built a distribution"))
+            fast = actor(obs.clone())
+        assert torch.equal(torch.get_rng_state(), rng_after_reference)
+    assert set(fast.keys()) == set(reference.keys()) == {"observation", "loc", "scale", "action"}
+    for key in reference.keys():
+        assert torch.equal(fast[key], reference[key]), key
+    assert (fast["action"].abs() > 0.999 * max(abs(low), abs(high))).any() or low == 0.0
+
+
+def test_squashed_gaussian_actor_keeps_the_distribution_where_it_is_asked_for():
+    """With gradients, or under another interaction type, the call goes through the TanhNormal."""
+    from tensordict.nn import ProbabilisticTensorDictSequential
+    from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+    act_spec = Bounded(low=-torch.ones(1), high=torch.ones(1), shape=(1,))
+    actor = make_actor(Unbounded(shape=(3,)), act_spec, NetworkConfig(actor_hidden=(8, 8)))
+    obs = TensorDict({"observation": torch.randn(4, 3)}, [4])
+    assert actor(obs.clone())["action"].requires_grad  # the parent path, with gradients
+    with torch.no_grad(), set_exploration_type(ExplorationType.MEAN):
+        mean = actor(obs.clone())["action"]  # TanhNormal has no analytic mean: an empirical one
+    assert mean.shape == (4, 1) and (mean.abs() < 1).all()
+    bad = TensorDict({"observation": torch.full((4, 3), float("nan"))}, [4])
+    with torch.no_grad():
+        assert actor(bad.clone())["action"].isnan().all()  # as the TanhNormal gives it: no check hides a diverged actor
+        assert ProbabilisticTensorDictSequential.forward(actor, bad.clone())["action"].isnan().all()
