@@ -69,6 +69,13 @@ class SquashedGaussianActor(ProbabilisticActor):
     call takes the parent's path.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        low, high = (self.module[-1].distribution_kwargs[k] for k in ("low", "high"))
+        # (centre, half-width) of the action box, as `TanhNormal` maps [-1, 1] into it; None for [-1, 1].
+        trivial = not ((high != 1.0).any() or (low != -1.0).any())
+        self.box_affine = None if trivial else ((high + low) / 2, (high - low) / 2)
+
     def forward(self, *args, **kwargs):
         mode = exploration_type() or self.module[-1].default_interaction_type
         if (len(args) != 1 or kwargs or not isinstance(args[0], TensorDictBase) or torch.is_grad_enabled()
@@ -80,21 +87,14 @@ class SquashedGaussianActor(ProbabilisticActor):
         limit = 1.0 - torch.finfo(pre_tanh.dtype).resolution
         action = pre_tanh.tanh().clamp(-limit, limit)
         if self.box_affine is not None:
-            centre, half_width = (t.to(action.device) for t in self.box_affine)
+            centre, half_width = self.box_affine
+            if centre.device != action.device:
+                self.box_affine = centre, half_width = centre.to(action.device), half_width.to(action.device)
             action = centre + half_width * action
         tensordict.set("loc", loc)
         tensordict.set("scale", scale)
         tensordict.set("action", action)
         return tensordict
-
-    @property
-    def box_affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(centre, half-width) of the action box, as `TanhNormal` maps [-1, 1] into it; None for [-1, 1]."""
-        kwargs = self.module[-1].distribution_kwargs
-        low, high = kwargs["low"], kwargs["high"]
-        if not ((high != 1.0).any() or (low != -1.0).any()):
-            return None
-        return (high + low) / 2, (high - low) / 2
 
 
 def make_actor(observation_spec: TensorSpec, action_spec: TensorSpec, cfg: NetworkConfig) -> ProbabilisticActor:
