@@ -47,3 +47,20 @@ def test_the_sweep_report_lists_each_runs_numbers():
         {"setting": 0, "seed": 1, "overrides": {}, "status": "failed", "summary": None}]}
     assert run_table(record) == ["**each run** (returns to 4 decimals)", "", "| setting | seed | final | SAC from scratch |",
                                  "|---|---|---|---|", "| base config | 0 | -139.5915 | -375.8470 |", ""]
+
+
+def test_the_episode_table_bounds_the_ratio_where_sac_never_reached_the_level():
+    from cqlsac.pipeline.sweep_report import episode_table
+
+    def run(seed, ours, sac, sac_total):
+        ratio = None if ours is None or sac is None else ours / sac
+        return {"setting": 0, "seed": seed, "overrides": {}, "status": "finished", "summary": {
+            "episode_return_level": 200.0, "episode_window": 20, "finetune_episodes_to_level": ours,
+            "sac_episodes_to_level": sac, "episode_ratio": ratio, "finetune_episodes": 100, "sac_episodes": sac_total}}
+
+    record = {"spec": {"named": {}}, "runs": [run(0, 50, None, 200), run(1, 30, 120, 300), run(2, 80, None, 160)]}
+    row = episode_table(record)[4]
+    # Bounds 50/200, 30/120 (the ratio itself), 80/160; their median 0.25 bounds the median ratio.
+    assert row == "| base config | 3 | 50, 30, 80 | never, 120, never | 0.2 (one run) | 0.25, 0.25, 0.50; median at most 0.25 |"
+    record["runs"].append(run(3, None, None, 150))  # neither reached it: no bound, so none for the median
+    assert episode_table(record)[4].endswith("| 0.25, 0.25, 0.50, - |")
