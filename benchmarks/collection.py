@@ -14,6 +14,9 @@ What the env itself costs is the floor under both, so everything is set against 
 - our collector: `make_collector` with the pipeline's actor (`make_actor`, 64x64, sampled actions)
   over one env and over `make_env(..., num_envs=N)`; frames_per_batch 1000, rounded down to a
   multiple of N as the pipeline requires; the first batch (start-up) is not timed;
+- the actor's own path against torchrl's: the collector over one env and `evaluate_policy` again with
+  a copy of the actor that builds its `TanhNormal` on every call (what `SquashedGaussianActor`
+  skips), the same actions;
 - evaluation of the deterministic actor: `evaluate_policy` (the episodes side by side in one vector
   env, one policy call per step of all of them) against the same episodes one after another, as
   the project's evaluation ran before: a TorchRL env, `env.set_seed(seed + i)`, then
@@ -33,15 +36,18 @@ The last lines are for scripts:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import time
+import types
 from functools import partial
 
 import gymnasium as gym
 import numpy as np
 import torch
 from cql_update import cpu_model, interleaved_rates, load_note
+from tensordict.nn import ProbabilisticTensorDictSequential
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from cqlsac.components.collector import make_collector
@@ -138,6 +144,14 @@ def pipeline_actor(args):
     return actor
 
 
+def through_the_distribution(actor):
+    """A copy of the actor whose every call builds its distribution and samples from it (torchrl's
+    path, which `SquashedGaussianActor` skips in collection and evaluation): the same actions, slower."""
+    plain = copy.deepcopy(actor)
+    plain.forward = types.MethodType(ProbabilisticTensorDictSequential.forward, plain)
+    return plain
+
+
 # --- the run -----------------------------------------------------------------------------------
 def row(name, value, unit, ratio=""):
     print(f"| {name:<60} | {value:>9} | {unit:<10} | {ratio:>15} |")
@@ -161,8 +175,12 @@ def main(argv=None):
     measured.update({f"raw SyncVectorEnv, {n} envs": raw_vector_env(args, n) for n in args.num_envs})
     measured.update({"collector, 1 env" if n == 1 else f"collector, make_env num_envs={n}": collector(args, actor, n)
                      for n in [1, *args.num_envs]})
+    plain = through_the_distribution(actor)
+    measured["collector, 1 env, actor through its distribution"] = collector(args, plain, 1)
     measured["evaluate_policy, side by side"] = (
         lambda k: evaluate_policy(actor, args.env, args.env_kwargs, args.episodes, seed=0), args.episodes, None)
+    measured["evaluate_policy, actor through its distribution"] = (
+        lambda k: evaluate_policy(plain, args.env, args.env_kwargs, args.episodes, seed=0), args.episodes, None)
     measured["evaluation one after another (env.rollout)"] = (
         lambda k: sequential_evaluation(actor, args), args.episodes, None)
     t_run = time.perf_counter()
@@ -184,11 +202,15 @@ def main(argv=None):
         else:
             batch = f" ({measured[name][1]} frames/batch)" if name.startswith("collector") else ""
             row(name + batch, f"{value:.0f}", "frames/s", f"{value / raw:.3g}x")
-    collectors = {name: value for name, value in per_s.items() if name.startswith("collector")}
+    collectors = {name: value for name, value in per_s.items()
+                  if name.startswith("collector") and "distribution" not in name}
     best = max(collectors, key=collectors.get)
     speedup = per_s["evaluate_policy, side by side"] / per_s["evaluation one after another (env.rollout)"]
     print(f"\nfastest collector: {best}; evaluation episodes {mean_length:.0f} steps on average; "
           f"evaluate_policy / one after another: {speedup:.2f}x")
+    print("skipping the distribution: collector, 1 env "
+          f"{per_s['collector, 1 env'] / per_s['collector, 1 env, actor through its distribution']:.2f}x, evaluate_policy "
+          f"{per_s['evaluate_policy, side by side'] / per_s['evaluate_policy, actor through its distribution']:.2f}x")
     print(f"(total run time {time.perf_counter() - t_run:.0f} s; {load_note(cores)})")
     print(f"collection_vs_raw_env_step: {collectors[best] / raw:.3f}")
     print(f"collection_vs_raw_env_step_1_env: {collectors['collector, 1 env'] / raw:.3f}")
