@@ -42,8 +42,9 @@ class TensorOutputModule(TensorDictModule):
 
     The parent converts every output with `TensorDict.from_any`, which calls
     `importlib.util.find_spec("pandas")` each time: about 0.1 ms per output, a fifth of a 64x64
-    policy call in collection and evaluation (docs/performance.md). Anything but plain tensors
-    into the parent's tensordict still takes the parent's path.
+    policy call through torchrl's path (docs/performance.md). The actors' parameter modules are
+    these: the categorical actor's calls and the continuous actor's calls through its distribution
+    go through them. Anything but plain tensors into the parent's tensordict takes the parent's path.
     """
 
     def _write_to_tensordict(self, tensordict, tensors, tensordict_out=None, out_keys=None):
