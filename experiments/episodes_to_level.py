@@ -19,13 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from cqlsac.pipeline.report import episodes_to_level
-
-
-def highest_window_mean(returns: list[float], window: int) -> tuple[float, int] | None:
-    """The highest mean of `window` consecutive returns and the count of episodes where it ends."""
-    means = [(sum(returns[end - window:end]) / window, end) for end in range(window, len(returns) + 1)]
-    return max(means) if means else None
+from cqlsac.pipeline.report import episodes_to_level, window_means
 
 
 def main(argv=None) -> int:
@@ -44,7 +38,7 @@ def main(argv=None) -> int:
             print(f"error: {stage}: no training episodes in its outputs.json ({err})", file=sys.stderr)
             return 2
         reached = episodes_to_level(episodes, args.level, args.window)
-        best = highest_window_mean([e[1] for e in episodes], args.window)
+        best = max(window_means(episodes, args.window), default=None)
         best_text = "-" if best is None else f"{best[0]:.1f} ({best[1]})"
         print(f"| {stage.name} | {len(episodes)} | {episodes[-1][0] if episodes else 0} "
               f"| {'never' if reached is None else reached} | {best_text} |")

@@ -40,13 +40,15 @@ def finetune_comparison(evals: list | None, baseline: list | None, random_return
     return out
 
 
+def window_means(episodes: list | None, window: int) -> list[tuple[float, int]]:
+    """(mean return of `window` consecutive training episodes, episodes so far) at each episode from the `window`-th."""
+    returns = [episode[1] for episode in episodes or []]
+    return [(sum(returns[count - window:count]) / window, count) for count in range(window, len(returns) + 1)]
+
+
 def episodes_to_level(episodes: list | None, level: float, window: int) -> int | None:
     """Training episodes until the mean return of the last `window` first reaches `level` (None: never)."""
-    returns = [episode[1] for episode in episodes or []]
-    for count in range(window, len(returns) + 1):
-        if sum(returns[count - window:count]) / window >= level:
-            return count
-    return None
+    return next((count for mean, count in window_means(episodes, window) if mean >= level), None)
 
 
 def episode_comparison(finetune: dict, baseline: dict, level: float | None, window: int) -> dict:
