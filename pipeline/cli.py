@@ -128,13 +128,15 @@ def sweep_command(args: argparse.Namespace) -> int:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    """Regenerate the report of one or more sweeps from their directories."""
+    """Regenerate the report of one or more sweeps from their directories (or, into a results page,
+    from their records)."""
     from cqlsac.pipeline import sweep_report
 
-    for sweep_dir in args.sweep_dirs:
-        print(sweep_report.write(Path(sweep_dir)))
+    for sweep in map(Path, args.sweeps):
+        if sweep.is_dir() or args.results is None:
+            print(sweep_report.write(sweep))
     if args.results is not None:
-        sweep_report.write_results([Path(d) for d in args.sweep_dirs], Path(args.results))
+        sweep_report.write_results([Path(d) for d in args.sweeps], Path(args.results))
         print(args.results)
     return 0
 
@@ -175,9 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(handler=sweep_command)
     report = commands.add_parser("report", help="regenerate the report of sweeps from their directories",
                                  description="Write report.md and curves.png of each sweep again from its sweep.json; "
-                                             "with --results, one page holding a generated section per sweep.")
-    report.add_argument("sweep_dirs", nargs="+", metavar="SWEEP_DIR")
-    report.add_argument("--results", metavar="FILE", help="also write this results page (e.g. docs/results.md)")
+                                             "with --results, also make or update a results page: a generated "
+                                             "section per sweep, its record kept in records/ beside the page.")
+    report.add_argument("sweeps", nargs="+", metavar="SWEEP",
+                        help="a sweep directory, or with --results a record of one (records/NAME.json)")
+    report.add_argument("--results", metavar="FILE", help="also make or update this results page (e.g. docs/results.md); "
+                                                          "the other sweeps' sections on it are kept")
     report.set_defaults(handler=report_command)
     config = commands.add_parser("config", help="print the resolved config with every key documented",
                                  description="Print the config that `cqlsac run` with the same arguments would run, "

@@ -3,6 +3,7 @@ same numbers from the local and the Ray backend."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,11 +91,25 @@ def test_a_failing_run_is_one_line_and_the_others_finish(tmp_path, dataset_store
     report = (sweep_dir / "report.md").read_text()
     assert "Runs: 1 finished, 1 failed, 0 interrupted" in report and "test/gone-v0, seed 0: failed" in report
 
-    results = tmp_path / "docs" / "results.md"  # a results page is generated from the sweeps' records
+    # A results page: the sweep's generated section is added, the page's other sections are kept, and
+    # the sweep's record is kept beside the page, which makes the same section once the sweep is gone.
+    results = tmp_path / "docs" / "results.md"
+    results.parent.mkdir()
+    results.write_text("# Results\n\nan old header\n\n<!-- sweep older -->\n## An older sweep\n\nits text\n")
     assert main(["report", str(sweep_dir), "--results", str(results)]) == 0
     page = results.read_text()
-    assert page.startswith("# Results") and f"cqlsac report {sweep_dir} --results {results}" in page
-    assert f"![curves](img/sweep-{sweep_dir.name}.png)" in page and (results.parent / "img").is_dir()
+    assert page.startswith("# Results") and "an old header" not in page
+    assert 0 < page.index("<!-- sweep older -->\n## An older sweep\n\nits text\n") < page.index(
+        f"<!-- sweep {sweep_dir.name} -->\n## Sweep `{sweep_dir.name}`")
+    record = results.parent / "records" / f"{sweep_dir.name}.json"
+    assert record.read_bytes() == (sweep_dir / "sweep.json").read_bytes()
+    assert f"![curves](img/sweep-{sweep_dir.name}.png)" in page
+    assert (results.parent / "img" / f"sweep-{sweep_dir.name}.png").is_file()
+    shutil.rmtree(sweep_dir)
+    assert main(["report", str(record), "--results", str(results)]) == 0
+    assert results.read_text() == page
+    assert main(["report", str(record)]) == 2  # a record alone has no sweep directory to write report.md into
+    assert "is a sweep record, not a sweep directory" in capsys.readouterr().err
 
 
 def sweep_command(tmp_path, *extra):
