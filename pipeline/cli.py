@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--backend", choices=("local", "ray"), default="local",
                        help="worker processes here, or Ray tasks (pip install -e '.[ray]')")
     sweep.add_argument("--address", help="a Ray cluster's address (default: start a local Ray instance)")
-    sweep.add_argument("--resume", metavar="SWEEP_DIR", help="carry on a stopped sweep: finished runs are kept")
+    sweep.add_argument("--resume", metavar="SWEEP", help="carry on a stopped sweep: finished runs are kept; SWEEP is "
+                       "its directory, or its record kept beside a results page (docs/records/NAME.json)")
     sweep.add_argument("--vectorise-offline", action="store_true",
                        help="first compute each setting's offline stages together, one vectorised update of all "
                             "its seeds' agents (their datasets must exist: e.g. dataset.name=ID)")

@@ -176,15 +176,31 @@ class Sweep:
                    title=data.get("title"), description=data.get("description"), **execution)
 
     @classmethod
-    def resumed(cls, sweep_dir: str | Path, **execution) -> Sweep:
-        """The sweep recorded in `sweep_dir`: its finished runs are kept, the others run (or resume)."""
-        record = Path(sweep_dir) / SWEEP_FILE
-        if not record.is_file():
-            raise ConfigError(f"{sweep_dir} is not a sweep directory (no {SWEEP_FILE} in it)")
-        spec = json.loads(record.read_text())["spec"]
-        return cls(config=spec["config"], seeds=spec["seeds"], axes=spec["axes"], overrides=spec["overrides"],
-                   named=spec.get("named", {}), title=spec.get("title"), description=spec.get("description"),
-                   sweep_dir=str(sweep_dir), **execution)
+    def resumed(cls, source: str | Path, **execution) -> Sweep:
+        """The sweep recorded in the sweep directory `source`: its finished runs are kept, the others run
+        (or resume from their checkpoints). `source` may also be a sweep's kept record (`sweep.json`
+        copied beside a results page, as `cqlsac report --results` keeps it): the sweep then carries on
+        in a new directory of the same name, e.g. in a later session; its unfinished runs start over."""
+        source = Path(source)
+        record = source / SWEEP_FILE if source.is_dir() else source
+        if not (record.is_file() and record.suffix == ".json"):
+            raise ConfigError(f"{source} is neither a sweep directory (no {SWEEP_FILE} in it) nor a sweep record (.json)")
+        try:
+            recorded = json.loads(record.read_text())
+            spec = recorded["spec"]
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{record} is not a sweep record (no spec in it)") from None
+        sweep = dict(config=spec["config"], seeds=spec["seeds"], axes=spec["axes"], overrides=spec["overrides"],
+                     named=spec.get("named", {}), title=spec.get("title"), description=spec.get("description"))
+        if source.is_dir():
+            return cls(**sweep, sweep_dir=str(source), **execution)
+        output_dir = PipelineConfig.from_yaml(spec["config"], spec["overrides"]).output_dir
+        sweep_dir = Path(output_dir).resolve() / "sweeps" / source.stem
+        if (sweep_dir / SWEEP_FILE).exists():
+            raise ConfigError(f"{sweep_dir} already carries on this record: resume it with --resume {sweep_dir}")
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        atomic_json(sweep_dir / SWEEP_FILE, recorded)
+        return cls(**sweep, sweep_dir=str(sweep_dir), **execution)
 
     def settings(self) -> list[dict[str, str]]:
         """The named settings, or every combination of the axes' values, the first axis varying slowest."""
@@ -195,7 +211,8 @@ class Sweep:
 
     def plan(self) -> list[SweepRun]:
         """The runs, setting by setting (so that runs at once differ in seed and share no stage), with the
-        status of any earlier attempt of this sweep directory."""
+        status of any earlier attempt of this sweep directory: a finished run is kept by its summary in
+        `sweep.json`, whether or not its run directory is still there."""
         earlier, self.earlier_sessions = {}, []
         record = Path(self.sweep_dir) / SWEEP_FILE
         if record.is_file():
@@ -203,13 +220,15 @@ class Sweep:
             earlier = {(r["setting"], r["seed"]): r for r in recorded["runs"]}
             self.earlier_sessions = recorded.get("sessions") or [
                 {key: recorded.get(key) for key in ("command", "started", "wall_seconds")}]
+            for session in self.earlier_sessions:  # records from before sessions named their machine
+                session.setdefault("machine", recorded.get("machine"))
         runs = []
         for index, setting in enumerate(self.settings()):
             for seed in self.seeds:
                 self.run_config(setting, seed)  # every config is valid before any run starts
                 run_dir = Path(self.sweep_dir) / "runs" / f"{index:02d}-seed{seed}"
                 done = earlier.get((index, seed))
-                finished = done is not None and done["status"] == "finished" and (run_dir / "summary.json").is_file()
+                finished = done is not None and done["status"] == "finished" and done.get("summary") is not None
                 runs.append(SweepRun(**done) if finished else SweepRun(index, seed, setting, str(run_dir)))
         return runs
 
@@ -287,18 +306,19 @@ class Sweep:
         return f"[{label} | seed {run.seed}] {outcome}"
 
     def save(self, started: float, ended: float | None) -> dict:
-        """Write `sweep.json`. A resumed sweep keeps its first command and start; its wall time is the sum
-        over its sessions (unknown while one is running or when one was cut off), each listed in `sessions`."""
+        """Write `sweep.json`. A resumed sweep keeps its first command, start and machine; its wall time is
+        the sum over its sessions (unknown while one is running or when one was cut off), each listed in
+        `sessions` with its machine."""
         session = {"command": " ".join(["cqlsac", *sys.argv[1:]]) if Path(sys.argv[0]).name == "cqlsac" else None,
                    "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
-                   "wall_seconds": None if ended is None else round(ended - started, 1)}
+                   "wall_seconds": None if ended is None else round(ended - started, 1), "machine": machine()}
         sessions = [*self.earlier_sessions, session]
         walls = [s["wall_seconds"] for s in sessions]
         record = {
             "spec": {"config": self.config, "seeds": self.seeds, "axes": self.axes, "overrides": self.overrides,
                      "named": self.named, "title": self.title, "description": self.description},
             "command": sessions[0]["command"], "backend": self.backend, "workers": self.workers,
-            "threads": self.threads, "machine": machine(), "started": sessions[0]["started"],
+            "threads": self.threads, "machine": sessions[0]["machine"], "started": sessions[0]["started"],
             "wall_seconds": None if None in walls else round(sum(walls), 1), "sessions": sessions,
             "runs": [asdict(run) for run in self.runs],
         }

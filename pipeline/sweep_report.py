@@ -154,6 +154,8 @@ def markdown(record: dict, sweep_dir: Path, image: str) -> str:
              + f"{compute / 60:.1f} min of stage compute in these runs (stages reused from the cache cost none here). "
              f"Runs: {counts['finished']} finished, {counts['failed']} failed, {counts['interrupted']} interrupted."
              + "".join(f" Resumed {session['started']} by `{session['command'] or '(from Python)'}`"
+                       + (f" on {session['machine']['cpu']} ({session['machine']['cores']} cores)"
+                          if session.get("machine") and session["machine"] != machine else "")
                        + (f" ({session['wall_seconds'] / 60:.1f} min)." if session["wall_seconds"] else ".")
                        for session in record.get("sessions", [])[1:]), "",
              "Each cell: the statistic over the seeds, then its 95% stratified bootstrap interval in brackets.", ""]

@@ -111,6 +111,17 @@ def test_a_failing_run_is_one_line_and_the_others_finish(tmp_path, dataset_store
     assert main(["report", str(record)]) == 2  # a record alone has no sweep directory to write report.md into
     assert "is a sweep record, not a sweep directory" in capsys.readouterr().err
 
+    # The sweep carries on from its kept record (a later session): the finished run is kept, the other runs.
+    create_dataset("test/gone-v0", ["random"], 100, env_id="Pendulum-v1")
+    assert main(["sweep", "--resume", str(record)]) == 0
+    assert Path(capsys.readouterr().out.strip().splitlines()[-1]) == sweep_dir
+    resumed = json.loads((sweep_dir / "sweep.json").read_text())
+    assert [run["status"] for run in resumed["runs"]] == ["finished", "finished"]
+    assert resumed["runs"][0]["summary"] == runs[0]["summary"] and not (sweep_dir / "runs" / "00-seed0").exists()
+    assert [session["machine"]["cores"] for session in resumed["sessions"]] == [os.cpu_count()] * 2
+    assert main(["sweep", "--resume", str(record)]) == 2  # it carries on in sweep_dir now: resume that
+    assert f"already carries on this record: resume it with --resume {sweep_dir}" in capsys.readouterr().err
+
 
 def sweep_command(tmp_path, *extra):
     return [sys.executable, "-m", "cqlsac.pipeline.cli", "sweep", "--seeds", "0-1", "baseline.batch_size=16,32",
