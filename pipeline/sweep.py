@@ -36,6 +36,17 @@ SWEEP_FILE = "sweep.json"
 BACKENDS = ("local", "ray")
 
 
+def record_path(source: str | Path) -> Path:
+    """A sweep's record: `sweep.json` in its sweep directory, or the record file itself (a copy kept
+    beside a results page, `docs/records/NAME.json`)."""
+    source = Path(source)
+    path = source / SWEEP_FILE if source.is_dir() else source
+    if not (path.is_file() and path.suffix == ".json"):
+        raise ConfigError(f"{source} is neither a sweep directory (no {SWEEP_FILE} in it) nor a sweep record (.json); "
+                          "pass the folder that `cqlsac sweep` printed last")
+    return path
+
+
 def split_values(text: str) -> list[str]:
     """`a,[1,2],{x: 1}` -> `["a", "[1,2]", "{x: 1}"]`: commas inside brackets or braces do not split."""
     values, depth, current = [], 0, ""
@@ -181,10 +192,7 @@ class Sweep:
         (or resume from their checkpoints). `source` may also be a sweep's kept record (`sweep.json`
         copied beside a results page, as `cqlsac report --results` keeps it): the sweep then carries on
         in a new directory of the same name, e.g. in a later session; its unfinished runs start over."""
-        source = Path(source)
-        record = source / SWEEP_FILE if source.is_dir() else source
-        if not (record.is_file() and record.suffix == ".json"):
-            raise ConfigError(f"{source} is neither a sweep directory (no {SWEEP_FILE} in it) nor a sweep record (.json)")
+        source, record = Path(source), record_path(source)
         try:
             recorded = json.loads(record.read_text())
             spec = recorded["spec"]

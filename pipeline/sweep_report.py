@@ -22,8 +22,8 @@ from cqlsac.components.statistics import (
 )
 from cqlsac.pipeline.config import ConfigError
 from cqlsac.pipeline.report import fmt, save_figure
+from cqlsac.pipeline.sweep import record_path
 
-SWEEP_FILE = "sweep.json"
 RECORDS = "records"  # beside a results page: the records its sections are made from
 
 
@@ -79,13 +79,8 @@ FIGURES = (("final return (fine-tuned policy)", "final_eval_return"),
 
 
 def load(source: Path) -> dict:
-    """A sweep's record: `sweep.json` in a sweep directory, or a record file kept beside a results page."""
-    source = Path(source)
-    path = source / SWEEP_FILE if source.is_dir() else source
-    if not (path.is_file() and path.suffix == ".json"):
-        raise ConfigError(f"{source} is neither a sweep directory (no {SWEEP_FILE} in it) nor a sweep record (.json); "
-                          "pass the folder that `cqlsac sweep` printed last")
-    return json.loads(path.read_text())
+    """A sweep's record, from its directory or from the record file kept beside a results page."""
+    return json.loads(record_path(source).read_text())
 
 
 def sweep_id(source: Path) -> str:
@@ -362,7 +357,7 @@ def write_results(sources: list[Path], results: Path, title: str = "Results") ->
     sections = results_sections(results.read_text()) if results.is_file() else {}
     for source in sources:
         name, record = sweep_id(source), load(source)
-        given, kept = Path(source) / SWEEP_FILE if Path(source).is_dir() else Path(source), records / f"{name}.json"
+        given, kept = record_path(source), records / f"{name}.json"
         if not (kept.is_file() and kept.samefile(given)):
             atomic_write(kept, given.read_bytes())
         images.mkdir(parents=True, exist_ok=True)
