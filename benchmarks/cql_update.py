@@ -76,6 +76,8 @@ reference size above). For each size, in interleaved rounds on the same batches:
         on-disk inductor cache shortens it);
     (d) torchrl's CQLLoss eager, built and configured as above;
     (e) our update in SAC mode (cql_weight = 0), eager, plain critics (SAC from scratch has them);
+    (f) the same compiled (`compile=True`), as SAC from scratch, pretraining and fine-tuning without
+        the CQL term run with the pipeline's `compile: true`;
     and the two sgemm references at (B(3N+1) x h) @ (h x h) of that size.
 The arithmetic limit is FLOPs per update (the formula above; layer norm is element-wise and adds
 none) / the faster sgemm. One markdown table per size; the last two lines are for the 64 size:
@@ -509,7 +511,7 @@ def measure_rest(args, device, sync, rb) -> dict:
 
 def measure_size(args, device, sync, hidden, obs_dim, act_dim) -> dict:
     """(a)-(e) of `--pipeline-sizes` at one size, interleaved with its sgemm references; updates/s,
-    GFLOP/s and the compile seconds of (c)."""
+    GFLOP/s and the compile seconds of (c) and (f)."""
     size = argparse.Namespace(**{**vars(args), "hidden": hidden, "obs_dim": obs_dim, "act_dim": act_dim})
     rb = synthetic_buffer(size)
     pool = [rb.sample().to(device) for _ in range(32)]  # the same batches for every update measurement
@@ -520,17 +522,21 @@ def measure_size(args, device, sync, hidden, obs_dim, act_dim) -> dict:
     trl, trl_opt, trl_updater = make_torchrl(size, device)
     torch._dynamo.reset()  # compile afresh, as a pipeline process does: no graphs or dynamic shapes from another size
     compiled, compiled_opt = make_ours(size, device, layer_norm=True, compile=True)
-    sync()
-    t0 = time.perf_counter()
-    update_step(compiled, compiled_opt, pool[0], TAU)  # compiles the loss's forward and backward
-    sync()
-    compile_seconds = time.perf_counter() - t0
+    sac_compiled, sac_compiled_opt = make_ours(size, device, cql_weight=0.0, compile=True)
+    compile_seconds = {}
+    for name, loss, optimizer in (("compiled", compiled, compiled_opt), ("sac_compiled", sac_compiled, sac_compiled_opt)):
+        sync()
+        t0 = time.perf_counter()
+        update_step(loss, optimizer, pool[0], TAU)  # compiles the loss's forward and backward
+        sync()
+        compile_seconds[name] = time.perf_counter() - t0
     fns = {
         "plain": lambda k: update_step(plain, plain_opt, pool[k % len(pool)], TAU),
         "layer_norm": lambda k: update_step(normed, normed_opt, pool[k % len(pool)], TAU),
         "compiled": lambda k: update_step(compiled, compiled_opt, pool[k % len(pool)], TAU),
         "torchrl": lambda k: torchrl_update(trl, trl_opt, trl_updater, torchrl_pool[k % len(pool)]),
         "sac": lambda k: update_step(sac, sac_opt, pool[k % len(pool)], TAU),
+        "sac_compiled": lambda k: update_step(sac_compiled, sac_compiled_opt, pool[k % len(pool)], TAU),
     }
     return {**rates_with_sgemm(fns, size, device, sync), "compile_seconds": compile_seconds}
 
@@ -539,7 +545,8 @@ def size_fractions(res, cql_flops, sac_flops) -> dict[str, float]:
     """Fraction of the arithmetic limit (FLOPs / faster sgemm) that each of our updates reaches."""
     limit = res["sgemm_best"] * 1e9
     return {"plain": cql_flops * res["plain"] / limit, "layer_norm": cql_flops * res["layer_norm"] / limit,
-            "compiled": cql_flops * res["compiled"] / limit, "sac": sac_flops * res["sac"] / limit}
+            "compiled": cql_flops * res["compiled"] / limit, "sac": sac_flops * res["sac"] / limit,
+            "sac_compiled": sac_flops * res["sac_compiled"] / limit}
 
 
 BEST_CQL_NAMES = {"plain": "(a) eager, plain critics", "layer_norm": "(b) eager, layer-normalised critics",
@@ -557,12 +564,15 @@ def print_size_table(args, hidden, obs_dim, act_dim, what, res, cql_flops, sac_f
     row("(a) ours CQL eager, plain critics", f"{res['plain']:.1f}", "updates/s")
     row("(b) ours CQL eager, layer-normalised critics", f"{res['layer_norm']:.1f}", "updates/s")
     row("(c) ours CQL compile=True, layer-normalised critics", f"{res['compiled']:.1f}", "updates/s")
-    row("    compile time of (c) (first update)", f"{res['compile_seconds']:.1f}", "s")
+    row("    compile time of (c) (first update)", f"{res['compile_seconds']['compiled']:.1f}", "s")
     row("(d) torchrl CQLLoss eager (+Adam+SoftUpdate)", f"{res['torchrl']:.1f}", "updates/s")
     row("(e) ours SAC mode (cql_weight=0) eager, plain critics", f"{res['sac']:.1f}", "updates/s")
+    row("(f) ours SAC mode compile=True, plain critics", f"{res['sac_compiled']:.1f}", "updates/s")
+    row("    compile time of (f) (first update)", f"{res['compile_seconds']['sac_compiled']:.1f}", "s")
     row("ours / torchrl: (a) / (d)", f"{res['plain'] / res['torchrl']:.2f}", "x")
     row("ours layer-normalised / torchrl: (b) / (d)", f"{res['layer_norm'] / res['torchrl']:.2f}", "x")
     row("compiled / eager, both layer-normalised: (c) / (b)", f"{res['compiled'] / res['layer_norm']:.2f}", "x")
+    row("SAC mode compiled / eager: (f) / (e)", f"{res['sac_compiled'] / res['sac']:.2f}", "x")
     row(f"sgemm ({rows}x{hidden})@({hidden}x{hidden}), faster of torch.matmul, oneDNN",
         f"{res['sgemm_best']:.1f}", "GFLOP/s")
     row("FLOPs per CQL update", f"{cql_flops / 1e9:.3f}", "GFLOP")
@@ -573,6 +583,7 @@ def print_size_table(args, hidden, obs_dim, act_dim, what, res, cql_flops, sac_f
     row("fraction of limit, CQL eager layer-normalised (b)", f"{fractions['layer_norm']:.3f}", "")
     row("fraction of limit, CQL compiled (c)", f"{fractions['compiled']:.3f}", "")
     row("fraction of limit, SAC eager (e)", f"{fractions['sac']:.3f}", "")
+    row("fraction of limit, SAC compiled (f)", f"{fractions['sac_compiled']:.3f}", "")
     row(f"fastest CQL update: {BEST_CQL_NAMES[best]}", f"{fractions[best]:.3f}", "fraction of limit")
     return best
 
