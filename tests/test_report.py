@@ -1,6 +1,12 @@
-"""The report's fine-tuning comparison: when the offline-to-online agent reaches SAC's final return."""
+"""The report's fine-tuning comparison: when the offline-to-online agent reaches SAC's final return;
+and docs/results.md made from the sweeps' kept records."""
+
+from pathlib import Path
 
 from cqlsac.pipeline.report import finetune_comparison, steps_to_reach
+from cqlsac.pipeline.sweep_report import RECORDS, load, results_sections, section
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 
 
 def test_steps_to_reach_first_evaluation_at_or_above_level():
@@ -64,3 +70,13 @@ def test_the_episode_table_bounds_the_ratio_where_sac_never_reached_the_level():
     assert row == "| base config | 3 | 50, 30, 80 | never, 120, never | 0.2 (one run) | 0.25, 0.25, 0.50; median at most 0.25 |"
     record["runs"].append(run(3, None, None, 150))  # neither reached it: no bound, so none for the median
     assert episode_table(record)[4].endswith("| 0.25, 0.25, 0.50, - |")
+
+
+def test_every_results_section_is_what_its_kept_record_makes():
+    sections = results_sections(RESULTS.read_text())
+    records = sorted((RESULTS.parent / RECORDS).glob("*.json"))
+    assert {record.stem for record in records} <= set(sections)
+    for record in records:
+        assert sections[record.stem] == section(record.stem, load(record)), record.stem
+    for name, text in sections.items():  # sections from before records were kept say so
+        assert (RESULTS.parent / RECORDS / f"{name}.json").is_file() or "\nRecord: not kept (" in text, name
