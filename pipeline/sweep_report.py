@@ -360,10 +360,14 @@ def write_results(sources: list[Path], results: Path, title: str = "Results") ->
     otherwise; the page's other sections stay as they are."""
     results = Path(results)
     images, records = results.parent / "img", results.parent / RECORDS
-    sections = results_sections(results.read_text()) if results.is_file() else {}
+    page = results.read_text() if results.is_file() else ""
+    sections = results_sections(page)
+    if page.strip() and not sections:
+        raise ConfigError(f"{results} has no generated sections (lines `{SECTION_MARK.format('NAME')}`), so "
+                          "rewriting it would lose its text: give --results a new file")
     for source in sources:
-        name, record = sweep_id(source), load(source)
-        given, kept = record_path(source), records / f"{name}.json"
+        given, kept = record_path(source), records / f"{sweep_id(source)}.json"
+        name, record = kept.stem, json.loads(given.read_text())
         if not (kept.is_file() and kept.samefile(given)):
             atomic_write(kept, given.read_bytes())
         images.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,11 @@ and docs/results.md made from the sweeps' kept records."""
 
 from pathlib import Path
 
+import pytest
+
+from cqlsac.pipeline.config import ConfigError
 from cqlsac.pipeline.report import finetune_comparison, steps_to_reach
-from cqlsac.pipeline.sweep_report import RECORDS, load, results_sections, section
+from cqlsac.pipeline.sweep_report import RECORDS, load, results_sections, section, write_results
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 
@@ -80,3 +83,11 @@ def test_every_results_section_is_what_its_kept_record_makes():
         assert sections[record.stem] == section(record.stem, load(record)), record.stem
     for name, text in sections.items():  # sections from before records were kept say so
         assert (RESULTS.parent / RECORDS / f"{name}.json").is_file() or "\nRecord: not kept (" in text, name
+
+
+def test_a_page_without_generated_sections_is_left_alone(tmp_path):
+    page = tmp_path / "results.md"
+    page.write_text("# My notes\n\nkeep me\n")
+    with pytest.raises(ConfigError, match="no generated sections"):
+        write_results([tmp_path / "a-sweep"], page)
+    assert page.read_text() == "# My notes\n\nkeep me\n" and not (tmp_path / RECORDS).exists()
