@@ -252,7 +252,8 @@ class Sweep:
     # --- running ------------------------------------------------------------------------------
     def run(self) -> dict:
         """Run every unfinished run; returns the sweep record (also in `sweep.json`). Ctrl-C stops the
-        whole sweep: running runs save their checkpoints and are marked interrupted."""
+        whole sweep: running runs save their checkpoints and are marked interrupted. So does a run
+        stopped by a signal that the sweep itself did not get."""
         from tqdm.auto import tqdm
 
         Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)
@@ -265,11 +266,14 @@ class Sweep:
         backend = LocalBackend(self.workers) if self.backend == "local" else RayBackend(self.threads, self.address)
         with tqdm(total=len(self.runs), initial=len(self.runs) - len(todo), desc="sweep", unit="run") as bar:
             try:
-                for run, result in schedule(todo, tasks, self.workers, backend):
+                jobs = schedule(todo, tasks, self.workers, backend)
+                for run, result in jobs:
                     run.status, run.error, run.summary = result["status"], result.get("error"), result.get("summary")
                     bar.update(1)
                     tqdm.write(self.progress_line(run))
                     self.save(started, None)
+                    if run.status == "interrupted":  # a signal stopped this run (Ctrl-C, SIGTERM, kill): stop them all,
+                        jobs.throw(KeyboardInterrupt)  # also when the signal did not reach this process
             except KeyboardInterrupt:
                 for run in todo:
                     if run.status == "pending":
