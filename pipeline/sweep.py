@@ -47,6 +47,24 @@ def record_path(source: str | Path) -> Path:
     return path
 
 
+def load_record(source: str | Path) -> dict:
+    """A sweep's record (spec, sessions, runs), from its directory or its kept record file."""
+    path = record_path(source)
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:
+        record = None
+    if not (isinstance(record, dict) and isinstance(record.get("spec"), dict)):
+        raise ConfigError(f"{path} is not a sweep record (no spec in it)")
+    return record
+
+
+def record_name(source: str | Path) -> str:
+    """A sweep's name: its directory's, which its record kept beside a results page keeps (NAME.json)."""
+    source = Path(source)
+    return source.name if source.is_dir() else source.stem
+
+
 def split_values(text: str) -> list[str]:
     """`a,[1,2],{x: 1}` -> `["a", "[1,2]", "{x: 1}"]`: commas inside brackets or braces do not split."""
     values, depth, current = [], 0, ""
@@ -192,18 +210,14 @@ class Sweep:
         (or resume from their checkpoints). `source` may also be a sweep's kept record (`sweep.json`
         copied beside a results page, as `cqlsac report --results` keeps it): the sweep then carries on
         in a new directory of the same name, e.g. in a later session; its unfinished runs start over."""
-        source, record = Path(source), record_path(source)
-        try:
-            recorded = json.loads(record.read_text())
-            spec = recorded["spec"]
-        except (ValueError, KeyError, TypeError):
-            raise ConfigError(f"{record} is not a sweep record (no spec in it)") from None
+        source, recorded = Path(source), load_record(source)
+        spec = recorded["spec"]
         sweep = dict(config=spec["config"], seeds=spec["seeds"], axes=spec["axes"], overrides=spec["overrides"],
                      named=spec.get("named", {}), title=spec.get("title"), description=spec.get("description"))
         if source.is_dir():
             return cls(**sweep, sweep_dir=str(source), **execution)
         output_dir = PipelineConfig.from_yaml(spec["config"], spec["overrides"]).output_dir
-        sweep_dir = Path(output_dir).resolve() / "sweeps" / source.stem
+        sweep_dir = Path(output_dir).resolve() / "sweeps" / record_name(source)
         if (sweep_dir / SWEEP_FILE).exists():
             raise ConfigError(f"{sweep_dir} already carries on this record: resume it with --resume {sweep_dir}")
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -252,8 +266,7 @@ class Sweep:
     # --- running ------------------------------------------------------------------------------
     def run(self) -> dict:
         """Run every unfinished run; returns the sweep record (also in `sweep.json`). Ctrl-C stops the
-        whole sweep: running runs save their checkpoints and are marked interrupted. So does a run
-        stopped by a signal that the sweep itself did not get."""
+        whole sweep: running runs save their checkpoints and are marked interrupted (see `schedule`)."""
         from tqdm.auto import tqdm
 
         Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)
@@ -266,14 +279,11 @@ class Sweep:
         backend = LocalBackend(self.workers) if self.backend == "local" else RayBackend(self.threads, self.address)
         with tqdm(total=len(self.runs), initial=len(self.runs) - len(todo), desc="sweep", unit="run") as bar:
             try:
-                jobs = schedule(todo, tasks, self.workers, backend)
-                for run, result in jobs:
+                for run, result in schedule(todo, tasks, self.workers, backend):
                     run.status, run.error, run.summary = result["status"], result.get("error"), result.get("summary")
                     bar.update(1)
                     tqdm.write(self.progress_line(run))
                     self.save(started, None)
-                    if run.status == "interrupted":  # a signal stopped this run (Ctrl-C, SIGTERM, kill): stop them all,
-                        jobs.throw(KeyboardInterrupt)  # also when the signal did not reach this process
             except KeyboardInterrupt:
                 for run in todo:
                     if run.status == "pending":
@@ -399,7 +409,9 @@ def run_offline_group(job: dict) -> int:
 # --- backends --------------------------------------------------------------------------------------
 def schedule(runs: list[SweepRun], tasks: dict, workers: int, backend) -> Iterator[tuple[SweepRun, dict]]:
     """Up to `workers` runs in flight on `backend`; yields each run with its result as it ends. On
-    Ctrl-C the runs in flight are stopped (they save a checkpoint) and recorded as they end."""
+    Ctrl-C the runs in flight are stopped (they save a checkpoint) and recorded as they end. A run
+    that ends interrupted (a signal reached it: Ctrl-C, SIGTERM, a kill) stops them all the same way,
+    also when the signal did not reach this process."""
     in_flight = {}
     queue = list(runs)
     try:
@@ -407,9 +419,13 @@ def schedule(runs: list[SweepRun], tasks: dict, workers: int, backend) -> Iterat
             while queue and len(in_flight) < workers:
                 run = queue.pop(0)
                 in_flight[backend.submit(tasks[id(run)])] = run
+            interrupted = False
             for handle in backend.finished(list(in_flight)):
-                run = in_flight.pop(handle)
-                yield run, backend.result(handle)
+                run, result = in_flight.pop(handle), backend.result(handle)
+                interrupted |= result["status"] == "interrupted"
+                yield run, result
+            if interrupted:
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         backend.stop(list(in_flight))
         for handle, run in in_flight.items():

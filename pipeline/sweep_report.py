@@ -5,7 +5,6 @@ setting improves on another, and learning curves with interval bands (`cqlsac re
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -22,7 +21,7 @@ from cqlsac.components.statistics import (
 )
 from cqlsac.pipeline.config import ConfigError
 from cqlsac.pipeline.report import fmt, save_figure
-from cqlsac.pipeline.sweep import record_path
+from cqlsac.pipeline.sweep import load_record, record_name, record_path
 
 RECORDS = "records"  # beside a results page: the records its sections are made from
 
@@ -76,17 +75,6 @@ FIGURES = (("final return (fine-tuned policy)", "final_eval_return"),
            ("SAC from scratch, final", "sac_final_return"),
            ("dataset (behaviour policy)", "dataset_mean_return"),
            ("compute per run in minutes (the stages it ran; stages reused from the cache cost none)", compute_minutes))
-
-
-def load(source: Path) -> dict:
-    """A sweep's record, from its directory or from the record file kept beside a results page."""
-    return json.loads(record_path(source).read_text())
-
-
-def sweep_id(source: Path) -> str:
-    """A sweep's name: its directory's, which its record file beside a results page keeps."""
-    source = Path(source)
-    return source.name if source.is_dir() else source.stem
 
 
 def setting_label(record: dict, run: dict) -> str:
@@ -329,10 +317,10 @@ def write(sweep_dir: Path) -> Path:
     if not Path(sweep_dir).is_dir():
         raise ConfigError(f"{sweep_dir} is a sweep record, not a sweep directory: regenerate it into a results page "
                           "with --results FILE")
-    record = load(sweep_dir)
+    record = load_record(sweep_dir)
     plot(record, Path(sweep_dir) / "curves.png")
     report = Path(sweep_dir) / "report.md"
-    atomic_write(report, "# cqlsac sweep report\n\n" + markdown(record, sweep_id(sweep_dir), "curves.png"))
+    atomic_write(report, "# cqlsac sweep report\n\n" + markdown(record, record_name(sweep_dir), "curves.png"))
     return report
 
 
@@ -366,8 +354,8 @@ def write_results(sources: list[Path], results: Path, title: str = "Results") ->
         raise ConfigError(f"{results} has no generated sections (lines `{SECTION_MARK.format('NAME')}`), so "
                           "rewriting it would lose its text: give --results a new file")
     for source in sources:
-        given, kept = record_path(source), records / f"{sweep_id(source)}.json"
-        name, record = kept.stem, json.loads(given.read_text())
+        given, name = record_path(source), record_name(source)
+        record, kept = load_record(given), records / f"{name}.json"
         if not (kept.is_file() and kept.samefile(given)):
             atomic_write(kept, given.read_bytes())
         images.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,8 @@ import pytest
 
 from cqlsac.pipeline.config import ConfigError
 from cqlsac.pipeline.report import finetune_comparison, steps_to_reach
-from cqlsac.pipeline.sweep_report import RECORDS, load, results_sections, section, write_results
+from cqlsac.pipeline.sweep import load_record
+from cqlsac.pipeline.sweep_report import RECORDS, results_sections, section, write_results
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 
@@ -80,7 +81,7 @@ def test_every_results_section_is_what_its_kept_record_makes():
     records = sorted((RESULTS.parent / RECORDS).glob("*.json"))
     assert {record.stem for record in records} <= set(sections)
     for record in records:
-        assert sections[record.stem] == section(record.stem, load(record)), record.stem
+        assert sections[record.stem] == section(record.stem, load_record(record)), record.stem
     for name, text in sections.items():  # sections from before records were kept say so
         assert (RESULTS.parent / RECORDS / f"{name}.json").is_file() or "\nRecord: not kept (" in text, name
 
