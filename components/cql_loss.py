@@ -196,11 +196,14 @@ class CQLSACLoss(LossModule):
         return {**noise, **subset}
 
     # --- the loss -------------------------------------------------------------------------
-    def forward(self, tensordict: TensorDictBase) -> TensorDict:
-        return self._compute(tensordict, self.draw_noise(tensordict.shape[0], tensordict.device))
+    def forward(self, tensordict: TensorDictBase, actor: bool = True) -> TensorDict:
+        return self._compute(tensordict, self.draw_noise(tensordict.shape[0], tensordict.device), actor)
 
-    def compute(self, tensordict: TensorDictBase, noise: dict[str, torch.Tensor]) -> TensorDict:
-        """All losses and diagnostics for a batch, given the noise of `draw_noise`."""
+    def compute(self, tensordict: TensorDictBase, noise: dict[str, torch.Tensor], actor: bool = True) -> TensorDict:
+        """All losses and diagnostics for a batch, given the noise of `draw_noise`. Without `actor` (a
+        critic-only update), `loss_actor`, `loss_alpha` and `entropy` are neither computed nor written:
+        the policy's action at s and the critics' values there are not needed for anything else. The
+        noise is drawn all the same, so the random stream does not depend on it."""
         cfg, keys = self.cfg, self.tensor_keys
         missing = [key for key in self.in_keys if tensordict.get(key, None) is None]
         if missing:  # e.g. without `terminated` torchrl would bootstrap on `done`, time limits included
@@ -210,19 +213,23 @@ class CQLSACLoss(LossModule):
         next_obs = tensordict.get(("next", keys.observation))
         alpha = self.log_alpha.exp()
 
-        policy = self.policy_outputs(obs)
+        with torch.set_grad_enabled(actor and torch.is_grad_enabled()):  # the CQL samples alone need no backward
+            policy = self.policy_outputs(obs) if actor or (self.uses_cql and not self.discrete) else None
         with torch.no_grad():  # s' only feeds the TD target and the CQL samples: no backward through it
             next_policy = self.policy_outputs(next_obs)
         # Discrete actions: Q(s, .) of every action once, for the critic loss and (detached) for the actor.
         q_obs = self.critic.evaluate_all(obs) if self.discrete else None
 
         # Actor and temperature (docs/loss.md section 3). The critics' weights get no gradient from them.
-        log_pi, policy_objective = self._actor_terms(obs, policy, noise, q_obs)
-        if cfg.bc_steps:  # a tensor select, not a Python `if` on a tensor: no device sync, capturable in a CUDA graph
-            bc_objective = self.log_prob_of(policy, data_action)
-            policy_objective = torch.where(self.update_count < cfg.bc_steps, bc_objective, policy_objective)
-        loss_actor = (alpha.detach() * log_pi - policy_objective).mean()
-        loss_alpha = -(self.log_alpha * (log_pi + self.target_entropy).detach()).mean()
+        actor_losses = {}
+        if actor:
+            log_pi, policy_objective = self._actor_terms(obs, policy, noise, q_obs)
+            if cfg.bc_steps:  # a tensor select, not a Python `if` on a tensor: no device sync, capturable in a CUDA graph
+                bc_objective = self.log_prob_of(policy, data_action)
+                policy_objective = torch.where(self.update_count < cfg.bc_steps, bc_objective, policy_objective)
+            actor_losses = {"loss_actor": (alpha.detach() * log_pi - policy_objective).mean(),
+                            "loss_alpha": -(self.log_alpha * (log_pi + self.target_entropy).detach()).mean(),
+                            "entropy": -log_pi.detach().mean()}
 
         # TD target (docs/loss.md section 1), no gradient.
         with torch.no_grad():
@@ -241,12 +248,10 @@ class CQLSACLoss(LossModule):
 
         return TensorDict(
             {
-                "loss_actor": loss_actor,
+                **actor_losses,
                 "loss_qvalue": loss_qvalue,
-                "loss_alpha": loss_alpha,
                 **out,
                 "alpha": alpha.detach(),
-                "entropy": -log_pi.detach().mean(),
                 "q_data": q_data.detach().mean(),
                 "td_target": td_target.mean(),
                 "cql_gap": gap.detach().mean(),

@@ -56,11 +56,10 @@ def update_step(loss: CQLSACLoss, optimizer: torch.optim.Optimizer, batch: Tenso
     The losses are summed and back-propagated once: each one reaches only its own parameters
     (see `CQLSACLoss`), so this equals separate backward passes per loss. With `critic_grad_clip`,
     each critic's gradient norm is clipped before the step. Without `update_actor`, the actor and
-    temperature losses are left out, so their parameters have no gradient and Adam leaves them be.
+    temperature losses are not computed, so their parameters have no gradient and Adam leaves them be.
     """
-    losses = loss(batch)
-    skipped = () if update_actor else ("loss_actor", "loss_alpha")
-    total = sum(value for key, value in losses.items() if key.startswith("loss_") and key not in skipped)
+    losses = loss(batch, actor=update_actor)
+    total = sum(value for key, value in losses.items() if key.startswith("loss_"))
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     if critic_grad_clip is not None:

@@ -114,3 +114,34 @@ def test_with_actor_every_k_the_actor_and_temperature_move_on_every_kth_update_o
                            and not torch.equal(alpha, agent.loss.log_alpha))
         critic_moves.append(any(not torch.equal(a, b) for a, b in zip(critic, agent.loss.critic_network.parameters())))
     assert actor_moves == [False, False, True, False, False, True] and all(critic_moves)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(cql_weight=0.0), dict(lagrange=True), dict(bc_steps=5)])
+def test_a_critic_only_update_is_the_full_losses_without_the_actors(options):
+    """`update_actor=False` skips the actor's and the temperature's losses: the step equals a full
+    computation from the same noise with those two losses left out of the sum, and it draws the same noise."""
+    loss = small_loss(**options)
+    optimizer = make_optimizer(loss, OPTIM)
+    batch = small_batch()
+    torch.manual_seed(5)
+    full = loss.compute(batch, loss.draw_noise(BATCH))
+    after_full = torch.rand(())
+    total = sum(value for key, value in full.items() if key.startswith("loss_") and key not in ("loss_actor", "loss_alpha"))
+    params = [p for p in loss.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(total, params, allow_unused=True)
+    expected = {p: p.detach() if g is None else p.detach() - lr_of(optimizer, p) * g / (g.abs() + 1e-8)
+                for p, g in zip(params, grads)}
+
+    torch.manual_seed(5)
+    losses = update_step(loss, optimizer, batch, OPTIM.tau, update_actor=False)
+
+    assert not {"loss_actor", "loss_alpha", "entropy"} & set(losses.keys())
+    torch.testing.assert_close(losses["loss_qvalue"], full["loss_qvalue"].detach(), rtol=0, atol=0)
+    assert torch.rand(()) == after_full  # the same noise was drawn
+    for param, value in expected.items():
+        torch.testing.assert_close(param.detach(), value, rtol=1e-6, atol=1e-7)
+    assert torch.equal(loss.log_alpha.detach(), expected[loss.log_alpha])  # the temperature stays
+
+
+def lr_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> float:
+    return next(group["lr"] for group in optimizer.param_groups if any(p is param for p in group["params"]))
