@@ -3,32 +3,35 @@
 import pytest
 import torch
 from tensordict import TensorDict
-from torchrl.data import Bounded, Unbounded
+from torchrl.data import Bounded, Categorical, Unbounded
 
 from cqlsac.components.config import LossConfig, NetworkConfig, OptimConfig
 from cqlsac.components.cql_loss import CQLSACLoss
 from cqlsac.components.networks import make_actor, make_critics
 from cqlsac.components.update import make_optimizer, polyak_update, update_step
 
-OBS_DIM, ACT_DIM, BATCH = 3, 2, 6
+OBS_DIM, ACT_DIM, BATCH, NUM_ACTIONS = 3, 2, 6, 4
 # Four different rates, so that a parameter in the wrong group shows.
 OPTIM = OptimConfig(actor_lr=1e-2, critic_lr=3e-3, alpha_lr=7e-4, alpha_prime_lr=2e-4, tau=0.1)
 
 
-def small_loss(**options) -> CQLSACLoss:
+def small_loss(discrete: bool = False, **options) -> CQLSACLoss:
     torch.manual_seed(0)
     net = NetworkConfig(actor_hidden=(8,), critic_hidden=(8,))
     obs_spec = Unbounded(shape=(OBS_DIM,))
-    act_spec = Bounded(low=-torch.ones(ACT_DIM), high=torch.ones(ACT_DIM), shape=(ACT_DIM,))
+    act_spec = (Categorical(NUM_ACTIONS) if discrete else
+                Bounded(low=-torch.ones(ACT_DIM), high=torch.ones(ACT_DIM), shape=(ACT_DIM,)))
     return CQLSACLoss(make_actor(obs_spec, act_spec, net), make_critics(obs_spec, act_spec, net),
                       LossConfig(num_actions=2, **options))
 
 
-def small_batch() -> TensorDict:
+def small_batch(discrete: bool = False) -> TensorDict:
     g = torch.Generator().manual_seed(1)
     zeros = torch.zeros(BATCH, 1, dtype=torch.bool)
+    action = (torch.randint(NUM_ACTIONS, (BATCH,), generator=g) if discrete
+              else torch.rand(BATCH, ACT_DIM, generator=g) * 1.8 - 0.9)
     return TensorDict({"observation": torch.randn(BATCH, OBS_DIM, generator=g),
-                       "action": torch.rand(BATCH, ACT_DIM, generator=g) * 1.8 - 0.9,
+                       "action": action,
                        "next": {"observation": torch.randn(BATCH, OBS_DIM, generator=g),
                                 "reward": torch.randn(BATCH, 1, generator=g), "done": zeros, "terminated": zeros}},
                       [BATCH])
@@ -116,13 +119,14 @@ def test_with_actor_every_k_the_actor_and_temperature_move_on_every_kth_update_o
     assert actor_moves == [False, False, True, False, False, True] and all(critic_moves)
 
 
+@pytest.mark.parametrize("discrete", [False, True], ids=["continuous", "discrete"])
 @pytest.mark.parametrize("options", [dict(), dict(cql_weight=0.0), dict(lagrange=True), dict(bc_steps=5)])
-def test_a_critic_only_update_is_the_full_losses_without_the_actors(options):
+def test_a_critic_only_update_is_the_full_losses_without_the_actors(options, discrete):
     """`update_actor=False` skips the actor's and the temperature's losses: the step equals a full
     computation from the same noise with those two losses left out of the sum, and it draws the same noise."""
-    loss = small_loss(**options)
+    loss = small_loss(discrete, **options)
     optimizer = make_optimizer(loss, OPTIM)
-    batch = small_batch()
+    batch = small_batch(discrete)
     torch.manual_seed(5)
     full = loss.compute(batch, loss.draw_noise(BATCH))
     after_full = torch.rand(())
