@@ -126,7 +126,10 @@ def markdown(record: dict, name: str, image: str) -> str:
     compute = 60 * sum(compute_minutes(r["summary"] or {}) or 0.0 for r in runs)
     machine = record["machine"]
     description = record["spec"].get("description")
-    lines = [f"## {title}", "", *([" ".join(description.split()), ""] if description else []),
+    incomplete = ([f"**Incomplete: {counts['finished']} of {len(runs)} runs finished.** The tables hold the finished "
+                   "runs only; `cqlsac sweep --resume` carries the sweep on (docs/sweeps.md).", ""]
+                  if counts["finished"] < len(runs) else [])
+    lines = [f"## {title}", "", *incomplete, *([" ".join(description.split()), ""] if description else []),
              f"Command: `{record['command'] or '(from Python)'}`; config `{record['spec']['config'] or 'default'}`"
              + (f" with {', '.join(f'`{o}`' for o in record['spec']['overrides'])}" if record['spec']['overrides'] else "")
              + f"; seeds {_seed_text(record['spec']['seeds'])}.",

@@ -90,6 +90,7 @@ def test_a_failing_run_is_one_line_and_the_others_finish(tmp_path, dataset_store
     assert runs[1]["error"].startswith("dataset 'test/gone-v0' is not in the local Minari store")
     report = (sweep_dir / "report.md").read_text()
     assert "Runs: 1 finished, 1 failed, 0 interrupted" in report and "test/gone-v0, seed 0: failed" in report
+    assert "**Incomplete: 1 of 2 runs finished.**" in report
 
     # A results page: the sweep's generated section is added, the page's other sections are kept, and
     # the sweep's record is kept beside the page, which makes the same section once the sweep is gone.
