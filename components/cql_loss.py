@@ -49,6 +49,7 @@ class CQLSACLoss(LossModule):
     `("next", "done")`, `("next", "terminated")` and, with `calibrated=True`, `mc_return`.
     Writes `loss_actor`, `loss_qvalue`, `loss_alpha` (and `loss_alpha_prime` in the Lagrange form
     with w > 0) plus detached diagnostics; a batch without one of `in_keys` is a `KeyError`.
+    `loss(batch, actor=False)` computes the critics' part only (no `loss_actor`, `loss_alpha`, `entropy`).
     Continuous and discrete actions share every term; where they differ (sampled actions and
     importance weights against exact sums over the actions), the helpers below branch.
     """

@@ -133,7 +133,7 @@ def test_a_critic_only_update_is_the_full_losses_without_the_actors(options, dis
     total = sum(value for key, value in full.items() if key.startswith("loss_") and key not in ("loss_actor", "loss_alpha"))
     params = [p for p in loss.parameters() if p.requires_grad]
     grads = torch.autograd.grad(total, params, allow_unused=True)
-    expected = {p: p.detach() if g is None else p.detach() - lr_of(optimizer, p) * g / (g.abs() + 1e-8)
+    expected = {p: p.detach().clone() if g is None else p.detach() - lr_of(optimizer, p) * g / (g.abs() + 1e-8)
                 for p, g in zip(params, grads)}
 
     torch.manual_seed(5)
