@@ -74,6 +74,22 @@ def dataset_files_digest(dataset_id: str) -> str:
     return files_digest(Path(open_dataset(dataset_id).spec.data_path))
 
 
+def dataset_content_digest(dataset_id: str) -> str:
+    """A sha256 of what the dataset holds, its data files' bytes and its reference scores, not of
+    where or when they were written: the same id re-created on another machine, whose float rounding
+    trains another behaviour policy, digests differently, the same files copied over do not."""
+    dataset = open_dataset(dataset_id)
+    data_path, digest = Path(dataset.spec.data_path), hashlib.sha256()
+    for path in sorted(p for p in data_path.rglob("*") if p.is_file() and p.name != "metadata.json"):
+        digest.update(str(path.relative_to(data_path)).encode() + b"\0")
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    metadata = dataset.storage.metadata
+    digest.update(json.dumps([metadata.get("ref_min_score"), metadata.get("ref_max_score")]).encode())
+    return digest.hexdigest()
+
+
 def _spaces(dataset: minari.MinariDataset) -> tuple[gym.spaces.Box, gym.spaces.Box | gym.spaces.Discrete]:
     """The dataset's observation space (a Box) and action space (a Box or Discrete)."""
     obs_space, act_space = dataset.observation_space, dataset.action_space

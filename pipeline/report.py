@@ -62,6 +62,14 @@ def episode_comparison(finetune: dict, baseline: dict, level: float | None, wind
             "finetune_episodes": len(finetune["episodes"]), "sac_episodes": len(baseline["episodes"])}
 
 
+def local_dataset_digest(dataset_id: str | None) -> str | None:
+    """The content digest of the run's dataset while it is in the local store: what a sweep carried on
+    later compares, so that its runs do not mix data recorded under one name."""
+    from cqlsac.datasets import dataset_content_digest, is_local
+
+    return dataset_content_digest(dataset_id) if dataset_id is not None and is_local(dataset_id) else None
+
+
 def summarize(pipe) -> dict:
     """Every figure of the run, as data; `report.md` and `cqlsac report` read it."""
     outputs, cfg = pipe.outputs, pipe.cfg
@@ -78,6 +86,7 @@ def summarize(pipe) -> dict:
         "final_normalized_score": evaluate.get("normalized_score"),
         "offline_eval_return": offline.get("eval_return"),
         "dataset_id": dataset.get("dataset_id"),
+        "dataset_sha256": local_dataset_digest(dataset.get("dataset_id")),
         "dataset_mean_return": offline.get("dataset_mean_return"),
         "ref_min_score": dataset.get("ref_min_score"),
         "ref_max_score": dataset.get("ref_max_score"),

@@ -59,6 +59,24 @@ def load_record(source: str | Path) -> dict:
     return record
 
 
+def check_same_data(runs: list[dict]) -> None:
+    """Refuse to carry a sweep on where a dataset that its finished runs trained on now holds other data
+    under the same id (re-created on another machine, whose float rounding trains another behaviour
+    policy): its runs would no longer be one comparison."""
+    from cqlsac.datasets import dataset_content_digest, is_local
+
+    used = {}
+    for run in runs:
+        summary = run.get("summary") or {}
+        if run["status"] == "finished" and summary.get("dataset_sha256"):
+            used.setdefault(summary["dataset_id"], summary["dataset_sha256"])
+    for dataset_id, digest in used.items():
+        if is_local(dataset_id) and (here := dataset_content_digest(dataset_id)) != digest:
+            raise ConfigError(f"dataset {dataset_id!r} here holds other data than this sweep's finished runs used "
+                              f"(sha256 {here[:12]}, theirs {digest[:12]}), e.g. re-created on another machine: "
+                              "copy its files from where they ran, or start a new sweep")
+
+
 def record_name(source: str | Path) -> str:
     """A sweep's name: its directory's, which its record kept beside a results page keeps (NAME.json)."""
     source = Path(source)
@@ -220,6 +238,7 @@ class Sweep:
         sweep_dir = Path(output_dir).resolve() / "sweeps" / record_name(source)
         if (sweep_dir / SWEEP_FILE).exists():
             raise ConfigError(f"{sweep_dir} already carries on this record: resume it with --resume {sweep_dir}")
+        check_same_data(recorded["runs"])
         sweep_dir.mkdir(parents=True, exist_ok=True)
         atomic_json(sweep_dir / SWEEP_FILE, recorded)
         return cls(**sweep, sweep_dir=str(sweep_dir), **execution)
@@ -239,6 +258,7 @@ class Sweep:
         record = Path(self.sweep_dir) / SWEEP_FILE
         if record.is_file():
             recorded = json.loads(record.read_text())
+            check_same_data(recorded["runs"])
             earlier = {(r["setting"], r["seed"]): r for r in recorded["runs"]}
             self.earlier_sessions = recorded.get("sessions") or [
                 {key: recorded.get(key) for key in ("command", "started", "wall_seconds")}]

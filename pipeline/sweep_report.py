@@ -118,6 +118,19 @@ def estimate(values: np.ndarray, statistic, digits: int = 1) -> str:
     return f"{fmt(est['point'], digits)} [{fmt(est['low'], digits)}, {fmt(est['high'], digits)}]"
 
 
+def mixed_data(runs: list[dict]) -> list[str]:
+    """A warning where finished runs trained on different data under one dataset id (their summaries'
+    content digests differ), so that the tables are not one comparison."""
+    digests: dict[str, set[str]] = {}
+    for run in runs:
+        summary = run["summary"] or {}
+        if run["status"] == "finished" and summary.get("dataset_sha256"):
+            digests.setdefault(summary["dataset_id"], set()).add(summary["dataset_sha256"])
+    mixed = [f"**Mixed data: the finished runs trained on {len(found)} different datasets named `{dataset_id}`.** "
+             "Their results are not one comparison." for dataset_id, found in digests.items() if len(found) > 1]
+    return [*mixed, ""] if mixed else []
+
+
 def markdown(record: dict, name: str, image: str) -> str:
     """The sweep's results: setting tables, improvement probabilities, curves; with how they were made."""
     title = record["spec"].get("title") or f"Sweep `{name}`"
@@ -129,7 +142,7 @@ def markdown(record: dict, name: str, image: str) -> str:
     incomplete = ([f"**Incomplete: {counts['finished']} of {len(runs)} runs finished.** The tables hold the finished "
                    "runs only; `cqlsac sweep --resume` carries the sweep on (docs/sweeps.md).", ""]
                   if counts["finished"] < len(runs) else [])
-    lines = [f"## {title}", "", *incomplete, *([" ".join(description.split()), ""] if description else []),
+    lines = [f"## {title}", "", *incomplete, *mixed_data(runs), *([" ".join(description.split()), ""] if description else []),
              f"Command: `{record['command'] or '(from Python)'}`; config `{record['spec']['config'] or 'default'}`"
              + (f" with {', '.join(f'`{o}`' for o in record['spec']['overrides'])}" if record['spec']['overrides'] else "")
              + f"; seeds {_seed_text(record['spec']['seeds'])}.",

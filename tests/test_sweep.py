@@ -124,6 +124,44 @@ def test_a_failing_run_is_one_line_and_the_others_finish(tmp_path, dataset_store
     assert f"already carries on this record: resume it with --resume {sweep_dir}" in capsys.readouterr().err
 
 
+def test_a_sweep_does_not_carry_on_with_other_data_under_its_dataset_name(tmp_path, dataset_store, capsys):
+    from cqlsac.datasets import create_dataset, dataset_content_digest, open_dataset
+
+    create_dataset("test/data-v0", ["random"], 100, env_id="Pendulum-v1")
+    args = ["sweep", "stages=[dataset]", "dataset.name=test/data-v0,test/later-v0", *folders(tmp_path)]
+    assert main(args) == 1  # test/later-v0 is not there yet
+    sweep_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    record = json.loads((sweep_dir / "sweep.json").read_text())
+    assert record["runs"][0]["summary"]["dataset_sha256"] == dataset_content_digest("test/data-v0")
+
+    # The dataset re-created with other data (as on another machine): neither way of resuming carries on.
+    stored = Path(open_dataset("test/data-v0").spec.data_path).parent
+    shutil.copytree(stored, tmp_path / "kept")
+    create_dataset("test/data-v0", ["random"], 100, env_id="Pendulum-v1", seed=1, overwrite=True)
+    create_dataset("test/later-v0", ["random"], 100, env_id="Pendulum-v1")
+    kept_record = tmp_path / "record.json"
+    shutil.copy(sweep_dir / "sweep.json", kept_record)
+    for source in (sweep_dir, kept_record):
+        assert main(["sweep", "--resume", str(source)]) == 2
+        assert "dataset 'test/data-v0' here holds other data than this sweep's finished runs used" in capsys.readouterr().err
+    assert json.loads((sweep_dir / "sweep.json").read_text()) == record
+    assert not (tmp_path / "runs" / "sweeps" / "record").exists()
+
+    # Its files copied back, the sweep carries on.
+    shutil.rmtree(stored)
+    shutil.copytree(tmp_path / "kept", stored)
+    assert main(["sweep", "--resume", str(sweep_dir)]) == 0
+    runs = json.loads((sweep_dir / "sweep.json").read_text())["runs"]
+    assert [run["status"] for run in runs] == ["finished", "finished"]
+
+    # A record whose finished runs already mix data under one name says so above its tables.
+    runs[1]["summary"].update(dataset_id="test/data-v0", dataset_sha256="0" * 64)
+    (sweep_dir / "sweep.json").write_text(json.dumps({**record, "runs": runs}))
+    assert main(["report", str(sweep_dir)]) == 0
+    assert ("**Mixed data: the finished runs trained on 2 different datasets named `test/data-v0`.**"
+            in (sweep_dir / "report.md").read_text())
+
+
 def sweep_command(tmp_path, *extra):
     return [sys.executable, "-m", "cqlsac.pipeline.cli", "sweep", "--seeds", "0-1", "baseline.batch_size=16,32",
             *BASELINE_ONLY[:-1], "--workers", "1", f"output_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}",
