@@ -59,22 +59,28 @@ def load_record(source: str | Path) -> dict:
     return record
 
 
+def dataset_digests(runs: list[dict]) -> dict[str, set[str]]:
+    """The content digests of the datasets that the finished runs trained on, by dataset id (runs
+    from before summaries kept digests are left out)."""
+    digests: dict[str, set[str]] = {}
+    for run in runs:
+        summary = run.get("summary") or {}
+        if run["status"] == "finished" and summary.get("dataset_sha256"):
+            digests.setdefault(summary["dataset_id"], set()).add(summary["dataset_sha256"])
+    return digests
+
+
 def check_same_data(runs: list[dict]) -> None:
     """Refuse to carry a sweep on where a dataset that its finished runs trained on now holds other data
     under the same id (re-created on another machine, whose float rounding trains another behaviour
     policy): its runs would no longer be one comparison."""
     from cqlsac.datasets import dataset_content_digest, is_local
 
-    used = {}
-    for run in runs:
-        summary = run.get("summary") or {}
-        if run["status"] == "finished" and summary.get("dataset_sha256"):
-            used.setdefault(summary["dataset_id"], summary["dataset_sha256"])
-    for dataset_id, digest in used.items():
-        if is_local(dataset_id) and (here := dataset_content_digest(dataset_id)) != digest:
+    for dataset_id, digests in dataset_digests(runs).items():
+        if is_local(dataset_id) and (here := dataset_content_digest(dataset_id)) not in digests:
             raise ConfigError(f"dataset {dataset_id!r} here holds other data than this sweep's finished runs used "
-                              f"(sha256 {here[:12]}, theirs {digest[:12]}), e.g. re-created on another machine: "
-                              "copy its files from where they ran, or start a new sweep")
+                              f"(sha256 {here[:12]}, theirs {', '.join(d[:12] for d in sorted(digests))}), e.g. "
+                              "re-created on another machine: copy its files from where they ran, or start a new sweep")
 
 
 def record_name(source: str | Path) -> str:

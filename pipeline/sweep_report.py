@@ -21,7 +21,7 @@ from cqlsac.components.statistics import (
 )
 from cqlsac.pipeline.config import ConfigError
 from cqlsac.pipeline.report import fmt, save_figure
-from cqlsac.pipeline.sweep import load_record, record_name, record_path
+from cqlsac.pipeline.sweep import dataset_digests, load_record, record_name, record_path
 
 RECORDS = "records"  # beside a results page: the records its sections are made from
 
@@ -121,13 +121,9 @@ def estimate(values: np.ndarray, statistic, digits: int = 1) -> str:
 def mixed_data(runs: list[dict]) -> list[str]:
     """A warning where finished runs trained on different data under one dataset id (their summaries'
     content digests differ), so that the tables are not one comparison."""
-    digests: dict[str, set[str]] = {}
-    for run in runs:
-        summary = run["summary"] or {}
-        if run["status"] == "finished" and summary.get("dataset_sha256"):
-            digests.setdefault(summary["dataset_id"], set()).add(summary["dataset_sha256"])
     mixed = [f"**Mixed data: the finished runs trained on {len(found)} different datasets named `{dataset_id}`.** "
-             "Their results are not one comparison." for dataset_id, found in digests.items() if len(found) > 1]
+             "Their results are not one comparison." for dataset_id, found in dataset_digests(runs).items()
+             if len(found) > 1]
     return [*mixed, ""] if mixed else []
 
 
