@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 from cqlsac.components.errors import UserError
-from cqlsac.pipeline.config import ConfigError, PipelineConfig
+from cqlsac.pipeline.config import ConfigError, PipelineConfig, bundled_configs
 from cqlsac.pipeline.datasets_cli import add_datasets_parser, positive_int
 
 DIVERGED = 3  # exit status of a run stopped by a NaN/Inf loss or Q-value
-CONFIG_HELP = ("a YAML config file, or the name of a bundled one (pendulum, lunarlander, hopper); "
+CONFIG_HELP = (f"a YAML config file, or the name of a bundled one ({', '.join(sorted(bundled_configs()))}); "
                "default: the built-in Pendulum-v1 pipeline")
 
 
@@ -69,7 +69,10 @@ def config_command(args: argparse.Namespace) -> int:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    """Evaluate a policy checkpoint (or a run directory's fine-tuned policy) deterministically on its own env."""
+    """Evaluate a policy checkpoint (or a run directory's fine-tuned policy) on its own env, deterministic
+    unless `--sample-actions`."""
+    from torchrl.envs.utils import ExplorationType
+
     from cqlsac.components.checkpoints import load_policy
     from cqlsac.components.evaluation import evaluate_policy
     from cqlsac.datasets import normalized, reference_scores_of
@@ -85,10 +88,11 @@ def eval_command(args: argparse.Namespace) -> int:
             raise ConfigError(f"run {target} has no fine-tuned policy (its stages stopped before finetune)")
         target, dataset_id = Path(summary["policy"]), dataset_id or summary.get("dataset_id")
     actor, meta = load_policy(target)
-    returns = evaluate_policy(actor, meta["env_id"], meta["env_kwargs"], args.episodes, args.seed)
+    exploration = ExplorationType.RANDOM if args.sample_actions else ExplorationType.DETERMINISTIC
+    returns = evaluate_policy(actor, meta["env_id"], meta["env_kwargs"], args.episodes, args.seed, exploration)
     mean_return = sum(returns) / len(returns)
-    result = {"policy": str(target), "env": meta["env_id"], "episodes": args.episodes, "mean_return": mean_return,
-              "returns": returns}
+    result = {"policy": str(target), "env": meta["env_id"], "episodes": args.episodes,
+              "sampled_actions": args.sample_actions, "mean_return": mean_return, "returns": returns}
     if dataset_id is not None:
         bounds = reference_scores_of(dataset_id)
         if bounds["ref_min_score"] is not None and bounds["ref_max_score"] is not None:
@@ -164,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("config", nargs="?", help=CONFIG_HELP)
     sweep.add_argument("assignments", nargs="*", metavar="key=v[,v...]")
     sweep.add_argument("--seeds", default="0", help="seeds, e.g. 0-9 or 0,3,5 (default 0)")
-    sweep.add_argument("--spec", metavar="YAML", help="a sweep file with config, seeds, axes, overrides and title")
+    sweep.add_argument("--spec", metavar="YAML",
+                       help="a sweep file with config, seeds, axes or settings, overrides, title and description")
     sweep.add_argument("--workers", type=positive_int, default=1, help="runs at once (default 1)")
     sweep.add_argument("--threads", type=positive_int, help="torch threads per run (default: the cores over the workers)")
     sweep.add_argument("--backend", choices=("local", "ray"), default="local",
@@ -193,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     config.set_defaults(handler=config_command)
     evaluate = commands.add_parser(
         "eval", help="evaluate a policy checkpoint or a run's fine-tuned policy",
-        description="Mean return of the deterministic policy over seeded episodes (episode i starts from env seed "
+        description="Mean return of the policy (deterministic unless --sample-actions) over seeded episodes "
+                    "(episode i starts from env seed "
                     "SEED + i, as the pipeline evaluates), as one JSON line; with the run's dataset (or --dataset) "
                     "also the normalised score.")
     evaluate.add_argument("checkpoint", metavar="POLICY|RUN_DIR",
@@ -201,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--episodes", type=positive_int, default=10, help="episodes (default 10)")
     evaluate.add_argument("--seed", type=int, default=10_000, help="env seed of the first episode (default 10000)")
     evaluate.add_argument("--dataset", metavar="ID", help="normalise with this dataset's reference scores")
+    evaluate.add_argument("--sample-actions", action="store_true",
+                          help="sample actions from the policy, as evaluate.sample_actions does in a run")
     evaluate.set_defaults(handler=eval_command)
     add_datasets_parser(commands)
     return parser

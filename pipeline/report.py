@@ -83,6 +83,7 @@ def summarize(pipe) -> dict:
         "policy": str(policy) if policy.is_file() else None,
         "final_eval_return": evaluate.get("mean_return"),
         "final_eval_episodes": len(evaluate["returns"]) if evaluate else None,
+        "final_eval_sampled": cfg.evaluate.sample_actions,
         "final_normalized_score": evaluate.get("normalized_score"),
         "offline_eval_return": offline.get("eval_return"),
         "dataset_id": dataset.get("dataset_id"),
@@ -121,7 +122,8 @@ def result_rows(summary: dict) -> list[tuple[str, str]]:
     rows = []
     episodes = summary["eval_episodes"]
     if summary["final_eval_return"] is not None:
-        rows.append(("final return", f"**{fmt(summary['final_eval_return'])}**: the fine-tuned policy, deterministic, "
+        acting = "with sampled actions" if summary.get("final_eval_sampled") else "deterministic"
+        rows.append(("final return", f"**{fmt(summary['final_eval_return'])}**: the fine-tuned policy, {acting}, "
                                      f"mean of {summary['final_eval_episodes']} seeded episodes"))
     if summary["ref_max_score"] is not None:
         if summary["final_normalized_score"] is not None:

@@ -281,7 +281,8 @@ def run_finetune(ctx: StageContext) -> dict:
 
 
 def run_evaluate(ctx: StageContext) -> dict:
-    """The final policy, deterministic, over `evaluate.episodes` seeded episodes; raw and normalised."""
+    """The final policy, deterministic (or sampling with `evaluate.sample_actions`), over
+    `evaluate.episodes` seeded episodes; raw and normalised."""
     ecfg = ctx.cfg.evaluate
     policy = ctx.inputs["finetune"]["policy"]
     actor, _ = load_policy(policy)

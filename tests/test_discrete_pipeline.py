@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from torchrl.data import OneHot
+from torchrl.envs.utils import ExplorationType
 
 from cqlsac.components.evaluation import evaluate_policy
 from cqlsac.datasets import Episode, create_dataset, load_transitions, write_dataset
@@ -45,6 +46,14 @@ def test_a_discrete_env_runs_every_stage_and_command(tmp_path, dataset_store, ca
 
     assert main(["eval", summary["run_dir"], "--episodes", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["env"] == "CartPole-v1"
+    modes = []
+    with pytest.MonkeyPatch.context() as patch:  # the flag reaches the evaluation as its exploration type
+        patch.setattr("cqlsac.components.evaluation.evaluate_policy",
+                      lambda actor, env_id, kwargs, episodes, seed, exploration: modes.append(exploration) or [1.0])
+        for flags in ([], ["--sample-actions"]):
+            assert main(["eval", summary["run_dir"], "--episodes", "1", *flags]) == 0
+            assert json.loads(capsys.readouterr().out)["sampled_actions"] == bool(flags)
+    assert modes == [ExplorationType.DETERMINISTIC, ExplorationType.RANDOM]
     assert main(["datasets", "show", dataset_id]) == 0
     assert "Discrete(2)" in capsys.readouterr().out
 

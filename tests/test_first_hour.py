@@ -88,7 +88,7 @@ def test_help_and_config_do_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     help_text = subprocess.run([sys.executable, "-m", "cqlsac.pipeline.cli", "eval", "--help"], check=True,
                                capture_output=True, text=True).stdout
-    assert "Mean return of the deterministic policy" in help_text and "RUN_DIR" in help_text
+    assert "Mean return of the policy (deterministic unless --sample-actions)" in help_text and "RUN_DIR" in help_text
 
 
 # ---- runs -------------------------------------------------------------------------------------

@@ -48,6 +48,15 @@ def test_finetune_comparison_near_level_between_random_and_sac_final():
     assert out["finetune_step_fraction_near"] == 0.25
 
 
+def test_the_run_report_says_how_the_final_policy_acted():
+    from cqlsac.pipeline.report import result_rows
+
+    summary = load_record(RESULTS.parent / RECORDS / "20261202-122424-180d87.json")["runs"][0]["summary"]
+    assert "the fine-tuned policy, deterministic, mean of 10" in result_rows(summary)[0][1]
+    sampled = result_rows({**summary, "final_eval_sampled": True})[0][1]
+    assert "the fine-tuned policy, with sampled actions, mean of 10" in sampled
+
+
 def test_the_sweep_report_lists_each_runs_numbers():
     from cqlsac.pipeline.sweep_report import run_table
 
