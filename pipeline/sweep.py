@@ -9,6 +9,7 @@ A sweep directory holds `sweep.json` (the spec and every run's status and summar
 
 from __future__ import annotations
 
+import importlib.metadata
 import itertools
 import json
 import os
@@ -191,6 +192,13 @@ class Sweep:
             key = config_hash(self.config, self.overrides, self.axes, self.seeds)[:6]
             self.sweep_dir = str(Path(self.base.output_dir).resolve() / "sweeps" / f"{stamp}-{key}")
         self.runs = self.plan()
+        if self.vectorise_offline:
+            for setting in self.settings():
+                optim = self.run_config(setting, self.seeds[0]).offline.optim
+                if optim.actor_every != 1 or optim.critic_grad_clip is not None:
+                    raise ConfigError("--vectorise-offline updates every parameter at every step, without gradient "
+                                      "clipping: it needs offline.optim.actor_every=1 and no "
+                                      "offline.optim.critic_grad_clip")
 
     # --- the spec -----------------------------------------------------------------------------
     @classmethod
@@ -384,7 +392,8 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version()}
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": importlib.metadata.version("torch")}
 
 
 # --- one run, in a worker process -------------------------------------------------------------------

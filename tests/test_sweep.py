@@ -58,6 +58,7 @@ def test_the_runs_are_the_product_of_the_axes_setting_by_setting(tmp_path):
     (["finetune.mixng=fixed,merged"], "unknown config key(s) finetune.mixng"),
     (["seed=1,2"], "seeds are an axis of their own"),
     (["offline.updates=10,x"], "offline.updates must be an integer, got 'x'"),
+    (["--vectorise-offline", "offline.optim.critic_grad_clip=1.0"], "it needs offline.optim.actor_every=1 and no"),
 ])
 def test_a_bad_sweep_fails_before_any_run(tmp_path, capsys, assignments, message):
     assert main(["sweep", *assignments, *folders(tmp_path)]) == 2
