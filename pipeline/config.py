@@ -50,7 +50,7 @@ class EnvConfig:
     __pydantic_config__ = {"extra": "forbid"}  # unknown keys are errors (pydantic validates these classes)
 
     id: str = "Pendulum-v1"
-    """A gymnasium id with continuous (Box) actions."""
+    """A gymnasium id with Box observations and Box (continuous) or Discrete actions."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of gymnasium.make, e.g. {continuous: true} for LunarLander-v3."""
 
@@ -66,7 +66,9 @@ class OnlineConfig:
     frames: int = 5000
     """Environment steps to collect."""
     init_random_frames: int = 0
-    """Frames of uniform random actions at the start; SAC makes no update before they are in."""
+    """Frames of uniform random actions at the start. Pretraining and SAC from scratch make no update
+    before they are in; fine-tuning updates from its first batch unless `finetune.warmup_frames` holds
+    it back."""
     frames_per_batch: int = 100
     """Frames per collector batch; updates and evaluations happen between batches."""
     num_envs: int = 1
@@ -192,7 +194,7 @@ class FinetuneConfig(OnlineConfig):
     start: Literal["offline", "scratch"] = "offline"
     """Where fine-tuning starts: the offline agent, or a fresh agent trained from the first step on
     the offline data and its own, with no offline-only phase (the seed's recipe, with mixing=merged,
-    cql_weight=null and init_random_frames=1000)."""
+    cql_weight=null, init_random_frames=1000 and warmup_frames=1000)."""
     mixing: Literal["fixed", "annealed", "merged"] = "fixed"
     """How batches mix offline and online rows: a fixed share, a share annealed linearly, or one
     uniform draw from the union of both."""
@@ -203,7 +205,7 @@ class FinetuneConfig(OnlineConfig):
     cql_weight: float | None = 0.0
     """CQL weight after the switch to online data; null keeps the offline weight (docs/results.md)."""
     calibrated: bool = False
-    """Cal-QL after the switch (needs a CQL weight above 0)."""
+    """Cal-QL after the switch; refused with a fine-tuning CQL weight of 0, which turns the penalty off."""
     warmup_frames: int = 0
     """Frames the starting policy collects before any update (WSRL's warm-up; a multiple of frames_per_batch)."""
     keep_optimizer: bool = False
@@ -248,7 +250,7 @@ class EvaluateConfig:
     __pydantic_config__ = {"extra": "forbid"}
 
     episodes: int = 10
-    """Episodes of the deterministic final policy."""
+    """Episodes of the final policy (deterministic, or sampled with `sample_actions`)."""
     seed: int = 10_000
     """Env seed of the first evaluation episode (episode i uses seed + i), in every stage."""
     sample_actions: bool = False

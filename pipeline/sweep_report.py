@@ -142,7 +142,8 @@ def markdown(record: dict, name: str, image: str) -> str:
              f"Command: `{record['command'] or '(from Python)'}`; config `{record['spec']['config'] or 'default'}`"
              + (f" with {', '.join(f'`{o}`' for o in record['spec']['overrides'])}" if record['spec']['overrides'] else "")
              + f"; seeds {_seed_text(record['spec']['seeds'])}.",
-             f"Ran {record['started']} on {machine['cpu']} ({machine['cores']} cores), {record['backend']} backend, "
+             f"Ran {record['started']} on {machine['cpu']} ({machine['cores']} cores"
+             + (f", torch {machine['torch']}" if machine.get("torch") else "") + f"), {record['backend']} backend, "
              f"{record['workers']} at once with {record['threads']} thread(s) each: "
              + (f"{record['wall_seconds'] / 60:.1f} min wall, " if record["wall_seconds"]
                 else "wall time not known (a session was cut off), " if len(record.get("sessions", [])) > 1 else "")
