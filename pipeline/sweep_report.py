@@ -63,6 +63,16 @@ def compute_minutes(summary: dict) -> float | None:
     return sum(seconds.values()) / 60 if seconds else None
 
 
+def recipe_minutes(summary: dict) -> float | None:
+    """Minutes of the stages that make the fine-tuned agent, offline training and fine-tuning, whether
+    this run computed them or reused them from the cache: what a recipe costs, without the dataset and
+    SAC from scratch that every recipe of a seed shares."""
+    seconds = summary.get("stage_compute_seconds") or {}
+    if seconds.get("finetune") is None:
+        return None
+    return sum(seconds.get(name) or 0.0 for name in ("offline", "finetune")) / 60
+
+
 # Figures reported per setting: (what it is, its key in summary.json or a function of the summary[, digits]).
 FIGURES = (("final return (fine-tuned policy)", "final_eval_return"),
            ("lowest mean of 100 consecutive final episodes", "final_lowest_window_mean"),
@@ -74,7 +84,8 @@ FIGURES = (("final return (fine-tuned policy)", "final_eval_return"),
            ("offline CQL policy", "offline_eval_return"),
            ("SAC from scratch, final", "sac_final_return"),
            ("dataset (behaviour policy)", "dataset_mean_return"),
-           ("compute per run in minutes (the stages it ran; stages reused from the cache cost none)", compute_minutes))
+           ("compute per run in minutes (the stages it ran; stages reused from the cache cost none)", compute_minutes),
+           ("the recipe's compute in minutes: offline training and fine-tuning, computed or reused", recipe_minutes))
 
 
 def setting_label(record: dict, run: dict) -> str:

@@ -57,6 +57,17 @@ def test_the_run_report_says_how_the_final_policy_acted():
     assert "the fine-tuned policy, with sampled actions, mean of 10" in sampled
 
 
+def test_a_recipes_compute_counts_its_own_stages_computed_or_reused():
+    from cqlsac.pipeline.sweep_report import compute_minutes, recipe_minutes
+
+    shared = {"dataset": 20.0, "baseline": 150.0, "evaluate": 1.0}
+    reused = {"stage_seconds": {"evaluate": 1.0},  # offline and fine-tuning came from the cache
+              "stage_compute_seconds": {**shared, "offline": 300.0, "finetune": 90.0}}
+    assert recipe_minutes(reused) == 6.5 and compute_minutes(reused) == 1 / 60
+    assert recipe_minutes({"stage_compute_seconds": {**shared, "finetune": 120.0}}) == 2.0  # no offline stage
+    assert recipe_minutes({"stage_compute_seconds": shared}) is None
+
+
 def test_the_sweep_report_lists_each_runs_numbers():
     from cqlsac.pipeline.sweep_report import run_table
 
