@@ -102,10 +102,11 @@ def reference_losses(loss, batch, noise):
     entropy_target = -ACT_DIM if cfg.target_entropy is None else cfg.target_entropy
     n_batch = batch.shape[0]
     target_members = noise["critic_subset"].tolist() if cfg.target_subset is not None else members
-    actor_terms, alpha_terms, targets_y = [], [], []
+    actor_terms, alpha_terms, targets_y, log_pis, q_datas = [], [], [], [], []
     for b in range(n_batch):
         s, s_next = batch["observation"][b], batch["next", "observation"][b]
         a_pi, logp_pi = ref_sample(loss, s, noise["actor"][b])
+        log_pis.append(logp_pi)
         if int(loss.update_count) < cfg.bc_steps:
             objective = ref_log_prob(loss, s, batch["action"][b])
         else:
@@ -128,6 +129,7 @@ def reference_losses(loss, batch, noise):
         for b in range(n_batch):
             s = batch["observation"][b]
             q_data = ref_q(critics, i, s, batch["action"][b])
+            q_datas.append(q_data)
             squared.append((q_data - targets_y[b]) ** 2)
             if cfg.cql_weight == 0:
                 continue
@@ -154,10 +156,14 @@ def reference_losses(loss, batch, noise):
         "loss_alpha": sum(alpha_terms) / n_batch,
         "td_target": sum(targets_y) / n_batch,
         "cql_gap": sum(gaps) / len(gaps),
+        "entropy": -sum(log_pis) / n_batch,
+        "q_data": sum(q_datas) / len(q_datas),
+        "alpha": alpha,
     }
     w = cfg.cql_weight
     if cfg.lagrange:
-        alpha_prime = loss.log_alpha_prime.exp()
+        alpha_prime = torch.clamp(loss.log_alpha_prime.exp(), max=1e6)
+        out["alpha_prime"] = alpha_prime
         out["loss_qvalue"] = sum(td + alpha_prime * w * (gap - cfg.lagrange_threshold) for td, gap in zip(td_losses, gaps))
         out["loss_alpha_prime"] = -sum(alpha_prime * w * (gap - cfg.lagrange_threshold) for gap in gaps) / len(gaps)
     else:
@@ -409,7 +415,18 @@ def test_out_keys_are_what_compute_writes(options):
     loss = build_loss(**options)
     out = loss.compute(make_batch(), loss.draw_noise(BATCH))
     assert sorted(out.keys()) == sorted(loss.out_keys)
-    assert loss.log_alpha_prime.requires_grad == loss.tunes_alpha_prime
+    tuned = options.get("lagrange", False) and options.get("cql_weight", 5.0) > 0  # Lagrange with a CQL term
+    assert loss.tunes_alpha_prime == tuned and loss.log_alpha_prime.requires_grad == tuned
+
+
+def test_alpha_prime_stops_at_its_bound_and_stops_learning_there():
+    loss = build_loss(lagrange=True)
+    with torch.no_grad():
+        loss.log_alpha_prime.fill_(math.log(2e6))
+    out = loss.compute(make_batch(), loss.draw_noise(BATCH))
+    assert out["alpha_prime"].item() == 1e6
+    (grad,) = torch.autograd.grad(out["loss_alpha_prime"], [loss.log_alpha_prime])
+    assert grad.item() == 0.0
 
 
 # ---- gradients ------------------------------------------------------------------------------

@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torchrl.data import OneHot
+from torchrl.data import Categorical, OneHot, Unbounded
 from torchrl.envs.utils import ExplorationType
 
+from cqlsac.components.config import NetworkConfig
 from cqlsac.components.evaluation import evaluate_policy
+from cqlsac.components.networks import make_actor
 from cqlsac.datasets import Episode, create_dataset, load_transitions, write_dataset
 from cqlsac.pipeline import ConfigError, Pipeline, PipelineConfig
 from cqlsac.pipeline.cli import main
@@ -87,6 +89,16 @@ def test_a_random_discrete_dataset_and_its_reference_scores(dataset_store):
 def test_evaluation_with_sampled_actions_and_the_lowest_window():
     returns = evaluate_policy(None, "CartPole-v1", {}, 4, seed=3)
     assert returns == evaluate_policy(None, "CartPole-v1", {}, 4, seed=3)  # its own seeded generator
+
+    torch.manual_seed(0)
+    actor = make_actor(Unbounded(shape=(4,)), Categorical(2), NetworkConfig(actor_hidden=(8,)))
+    deterministic = evaluate_policy(actor, "CartPole-v1", {}, 4, seed=3)
+    sampled = []
+    for _ in range(2):
+        torch.manual_seed(1)  # sampling draws from torch's generator
+        sampled.append(evaluate_policy(actor, "CartPole-v1", {}, 4, seed=3, exploration=ExplorationType.RANDOM))
+    assert sampled[0] == sampled[1] != deterministic
+    assert deterministic == evaluate_policy(actor, "CartPole-v1", {}, 4, seed=3)
     assert lowest_window_mean([1.0, 5.0, 2.0, 0.0, 9.0], 2) == 1.0 and lowest_window_mean([1.0], 2) is None
 
 

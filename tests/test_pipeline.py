@@ -349,15 +349,16 @@ def test_tiny_pipeline_runs_all_stages_and_reuses_finished_ones(workdir, capsys)
 
 def test_sac_baseline_critics_come_from_their_own_setting(workdir):
     """SAC from scratch ignores the agent's `network.critic_layer_norm` and follows its own key."""
-    def baseline(*overrides):
-        pipe = Pipeline.from_yaml(None, tiny(workdir, "stages=[baseline]", *overrides))
+    def baseline(cache, *overrides):
+        pipe = Pipeline.from_yaml(None, tiny(workdir, "stages=[baseline]", *overrides, cache=cache))
         pipe.run()
-        return pipe.outputs["baseline"]["evals"]
+        return pipe.stage_key("baseline"), pipe.outputs["baseline"]["evals"]
 
-    plain_agent = baseline("network.critic_layer_norm=false")
-    normalised_agent = baseline("network.critic_layer_norm=true")
-    assert plain_agent == normalised_agent  # default: plain critics for both
-    assert baseline("network.critic_layer_norm=true", "baseline.critic_layer_norm=true") != plain_agent
+    plain_key, plain_agent = baseline("plain", "network.critic_layer_norm=false")
+    normalised_key, normalised_agent = baseline("normalised", "network.critic_layer_norm=true")  # computed, not reused
+    assert plain_key == normalised_key and plain_agent == normalised_agent  # default: plain critics for both
+    _, own = baseline("normalised", "network.critic_layer_norm=true", "baseline.critic_layer_norm=true")
+    assert own != plain_agent
 
 
 def test_same_seed_reproduces_the_same_numbers(workdir):

@@ -174,7 +174,7 @@ def test_cuda_graph_update_refuses_a_cpu_loss():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_update_steps_as_update_step_does():
     torch.manual_seed(0)
-    loss = small_loss("cuda", bc_steps=2)  # the BC switch flips between the recorded graph's replays
+    loss = small_loss("cuda", bc_steps=2)  # the two eager warm-up updates train the actor by BC, the graph does not
     twin = copy.deepcopy(loss)
     with pytest.raises(ValueError, match="capturable=True"):
         cuda_graph_update(loss, make_optimizer(loss, OptimConfig()), tau=0.005)
@@ -240,6 +240,7 @@ def test_the_compiled_loss_computes_what_the_eager_one_does(monkeypatch, discret
     for out in (eager, compiled):
         sum(value for key, value in out.items() if key.startswith("loss_")).backward()
     for p, q in zip(losses[0].parameters(), losses[1].parameters()):
+        assert (p.grad is None) == (q.grad is None)
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad)
 

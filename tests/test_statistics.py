@@ -51,6 +51,12 @@ def test_probability_of_improvement_counts_ties_as_half():
     estimate = probability_of_improvement_ci(np.array([5.0, 6.0, 7.0]), np.array([1.0, 2.0, 3.0]), reps=200)
     assert estimate == pytest.approx({"point": 1.0, "low": 1.0, "high": 1.0})
 
+    # Resampled runs of X = {0, 1} against Y = {0.5}: replicates 0, 1/2, 1 with probabilities 1/4, 1/2,
+    # 1/4, so the interval is [0, 1]; the same with the two runs on Y's side, which is resampled too.
+    for x, y in (([0.0, 1.0], [0.5]), ([1.0], [0.0, 2.0])):
+        estimate = probability_of_improvement_ci(np.array(x), np.array(y), reps=4000, seed=3)
+        assert estimate == {"point": 0.5, "low": 0.0, "high": 1.0}, (x, y)
+
 
 def test_performance_profile_is_the_fraction_above_each_threshold():
     profile = performance_profile(np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([0.0, 2.0, 4.0]))

@@ -107,16 +107,16 @@ def test_with_actor_every_k_the_actor_and_temperature_move_on_every_kth_update_o
                         "next": {"observation": torch.randn(16, 3), "reward": torch.randn(16, 1),
                                  "done": torch.zeros(16, 1, dtype=torch.bool),
                                  "terminated": torch.zeros(16, 1, dtype=torch.bool)}}, [16])
-    actor_moves, critic_moves = [], []
+    actor_moves, alpha_moves, critic_moves = [], [], []
     for _ in range(6):
         actor, critic = ([p.detach().clone() for p in module.parameters()]
                          for module in (agent.loss.actor_network, agent.loss.critic_network))
         alpha = agent.loss.log_alpha.detach().clone()
         agent.update(batch)
-        actor_moves.append(any(not torch.equal(a, b) for a, b in zip(actor, agent.loss.actor_network.parameters()))
-                           and not torch.equal(alpha, agent.loss.log_alpha))
+        actor_moves.append(any(not torch.equal(a, b) for a, b in zip(actor, agent.loss.actor_network.parameters())))
+        alpha_moves.append(not torch.equal(alpha, agent.loss.log_alpha))
         critic_moves.append(any(not torch.equal(a, b) for a, b in zip(critic, agent.loss.critic_network.parameters())))
-    assert actor_moves == [False, False, True, False, False, True] and all(critic_moves)
+    assert actor_moves == alpha_moves == [False, False, True, False, False, True] and all(critic_moves)
 
 
 @pytest.mark.parametrize("discrete", [False, True], ids=["continuous", "discrete"])
