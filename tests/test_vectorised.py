@@ -12,19 +12,30 @@ from cqlsac.components.update import make_agent
 from cqlsac.components.vectorised import VectorisedAgents
 
 
-def batch(generator, n=16):
-    return TensorDict({"observation": torch.randn(n, 3, generator=generator),
-                       "action": torch.rand(n, 1, generator=generator) * 4 - 2,
-                       "next": {"observation": torch.randn(n, 3, generator=generator),
+def batch(generator, n=16, discrete=False):
+    """Pendulum-v1 transitions, or CartPole-v1's (4 observations, 2 discrete actions)."""
+    obs_dim = 4 if discrete else 3
+    action = (torch.randint(2, (n,), generator=generator) if discrete
+              else torch.rand(n, 1, generator=generator) * 4 - 2)
+    return TensorDict({"observation": torch.randn(n, obs_dim, generator=generator),
+                       "action": action,
+                       "mc_return": torch.randn(n, 1, generator=generator) * 3,
+                       "next": {"observation": torch.randn(n, obs_dim, generator=generator),
                                 "reward": torch.randn(n, 1, generator=generator),
                                 "done": torch.zeros(n, 1, dtype=torch.bool),
                                 "terminated": torch.zeros(n, 1, dtype=torch.bool)}}, [n])
 
 
-@pytest.mark.parametrize("options", [{}, {"lagrange": True, "calibrated": False, "num_actions": 3}])
-def test_vectorised_agents_follow_their_separate_runs(options):
-    env = make_env("Pendulum-v1")
-    network = NetworkConfig(actor_hidden=(8,), critic_hidden=(8, 8), critic_layer_norm=True)
+@pytest.mark.parametrize("options, num_critics", [
+    ({}, 2), ({"lagrange": True, "calibrated": False, "num_actions": 3}, 2), ({"calibrated": True, "num_actions": 3}, 2),
+    ({"target_subset": 2, "actor_q": "mean", "num_actions": 3}, 5), ({"bc_steps": 2, "num_actions": 3}, 2),
+    ({"discrete": True, "lagrange": True, "calibrated": True}, 2), ({"discrete": True, "bc_steps": 2}, 2),
+], ids=str)
+def test_vectorised_agents_follow_their_separate_runs(options, num_critics):
+    options = dict(options)
+    discrete = options.pop("discrete", False)
+    env = make_env("CartPole-v1" if discrete else "Pendulum-v1")
+    network = NetworkConfig(actor_hidden=(8,), critic_hidden=(8, 8), critic_layer_norm=True, num_critics=num_critics)
     agents = []
     for seed in (0, 1):
         torch.manual_seed(seed)
@@ -33,7 +44,7 @@ def test_vectorised_agents_follow_their_separate_runs(options):
     together = VectorisedAgents(agents, compile=False)
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):
-        batches = [batch(generator) for _ in agents]
+        batches = [batch(generator, discrete=discrete) for _ in agents]
         noises = [agent.loss.draw_noise(16) for agent in separate]
         out = together.update(torch.stack(batches), {k: torch.stack([n[k] for n in noises]) for k in noises[0]})
         for agent, one, noise, k in zip(separate, batches, noises, range(2)):
@@ -50,7 +61,7 @@ def test_vectorised_agents_follow_their_separate_runs(options):
         for (name, p), q in zip(vectorised.loss.state_dict().items(), alone.loss.state_dict().values()):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
         # The optimisers carry on alike: one more ordinary update of each gives the same weights.
-        more = batch(generator)
+        more = batch(generator, discrete=discrete)
         torch.manual_seed(5)
         vectorised.update(more)
         torch.manual_seed(5)
