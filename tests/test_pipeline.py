@@ -317,6 +317,16 @@ def test_episode_accumulator_releases_whole_episodes_with_return_to_go():
     released = acc.add(steps([32.0], [0]))
     assert released["mc_return"].squeeze(-1).tolist() == [8 + 0.5 * 16 + 0.25 * 32, 16 + 0.5 * 32, 32.0]
 
+    # Two envs stepped together (`[num_envs, T]`): each env's unfinished steps are held apart.
+    together = EpisodeAccumulator(gamma, ["observation", ("next", "reward"), ("next", "done")])
+    released = together.add(torch.stack([steps([1.0, 2.0], [0]), steps([10.0, 20.0], [])]))
+    assert released["mc_return"].squeeze(-1).tolist() == [1.0]  # env 0's one-step episode
+    released = together.add(torch.stack([steps([4.0, 8.0], [1]), steps([40.0, 80.0], [0])]))
+    # Env 0: 2, 4, 8 after its first episode; env 1: 10, 20, 40; in env order.
+    assert released["mc_return"].squeeze(-1).tolist() == [2 + 0.5 * 4 + 0.25 * 8, 4 + 0.5 * 8, 8.0,
+                                                           10 + 0.5 * 20 + 0.25 * 40, 20 + 0.5 * 40, 40.0]
+    assert released["next", "reward"].squeeze(-1).tolist() == [2.0, 4.0, 8.0, 10.0, 20.0, 40.0]
+
 
 # ---- end to end ----------------------------------------------------------------------------
 def test_tiny_pipeline_runs_all_stages_and_reuses_finished_ones(workdir, capsys):
