@@ -87,7 +87,7 @@ def _list() -> None:
 
 
 def _show(dataset_id: str) -> None:
-    from cqlsac.datasets import load_transitions, normalized_score
+    from cqlsac.datasets import dataset_content_digest, load_transitions, normalized_score
 
     _, info = load_transitions(dataset_id)
     size = sum(p.stat().st_size for p in info.path.rglob("*") if p.is_file())
@@ -104,7 +104,8 @@ def _show(dataset_id: str) -> None:
     lines = [
         ("id", info.dataset_id), ("path", str(info.path)), ("env", env),
         ("observation space", repr(info.observation_space)), ("action space", repr(info.action_space)),
-        ("size", f"{size / 1e6:.2f} MB"), ("episodes", str(info.num_episodes)),
+        ("size", f"{size / 1e6:.2f} MB"), ("content sha256", dataset_content_digest(dataset_id)),
+        ("episodes", str(info.num_episodes)),
         ("transitions", str(info.num_transitions)), ("mean return", mean_return),
         ("normalised 0 / 100", bounds), ("algorithm", str(info.metadata.get("algorithm_name", "-"))),
     ]

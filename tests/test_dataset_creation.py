@@ -20,7 +20,7 @@ from cqlsac.components.collector import make_collector
 from cqlsac.components.config import NetworkConfig
 from cqlsac.components.envs import make_env
 from cqlsac.components.networks import make_actor
-from cqlsac.datasets import DatasetError, load_transitions
+from cqlsac.datasets import DatasetError, dataset_content_digest, load_transitions
 from cqlsac.datasets import creation as dataset_creation
 from cqlsac.datasets.creation import DatasetCreationError, create_dataset, write_replay_dataset
 from cqlsac.pipeline.datasets_cli import add_datasets_parser
@@ -226,6 +226,7 @@ def test_cli_create_list_show_and_minari_list(dataset_store, capsys):
     assert shown["normalised 0 / 100"].strip().startswith(f"{info.ref_min_score:.3f} (random) / -10.000 (expert)")
     assert shown["observation space"].strip() == "Box([-1. -1. -8.], [1. 1. 8.], (3,), float32)"
     assert shown["env"].strip() == "Pendulum-v1 kwargs={} max_episode_steps=20"
+    assert shown["content sha256"].strip() == dataset_content_digest("pendulum/cli-v0")  # what sweeps compare
     out = subprocess.run([sys.executable, "-m", "minari.cli", "list", "local"], capture_output=True, text=True,
                          env={**os.environ, "COLUMNS": "200"}, check=True).stdout
     assert "pendulum/cli-v0" in out
