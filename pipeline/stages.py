@@ -243,6 +243,8 @@ def run_offline_together(ctxs: list[StageContext], torch_seeds: list[int], compi
                 watcher.check(metrics, step)
                 if step % ocfg.log_every == 0:
                     curve.log("offline", metrics, step)
+    for watcher in watchers:
+        watcher.settle()
     together.write_back()
     return [offline_outputs(ctx, agent, info, curve.points)
             for ctx, agent, info, curve in zip(ctxs, agents, infos, curves)]

@@ -27,6 +27,7 @@ EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, 
 ROWS = "cqlsac-replay-rows"
 STATE_SUFFIX = ".state.pt"  # training states and their replay chunks; the pipeline removes them once a stage is done
 WATCHED = ("loss_actor", "loss_qvalue", "loss_alpha", "loss_alpha_prime", "q_data", "td_target")
+READ_EVERY = 64  # checks between host reads of the watched values: one device sync per read, not one per update
 
 
 class Interrupted(Exception):
@@ -110,6 +111,7 @@ class Supervisor:
         self.next_save = every
         self.saved_step: int | None = None
         self.q_exceeded_at: int | None = None
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, watched values) not read yet
         self.started, self.seconds_before = time.perf_counter(), 0.0
 
     @property
@@ -141,20 +143,32 @@ class Supervisor:
         return progress
 
     def check(self, metrics: TensorDictBase, step: int) -> None:
-        """Stop at a non-finite loss or Q-value; warn once when the mean Q-value passes the bound."""
-        # One host transfer for all watched values (a single device sync on CUDA).
-        keys = [key for key in WATCHED if key in metrics.keys()]
-        values = dict(zip(keys, torch.stack([metrics[key] for key in keys]).tolist()))
-        bad = [key for key, value in values.items() if not math.isfinite(value)]
-        if bad:
-            self.diverged(f"{', '.join(bad)} became NaN/Inf at {self.unit} {step}")
-        q = values["q_data"]
-        if self.q_exceeded_at is None and abs(q) > self.q_bound:
-            self.q_exceeded_at = step
-            warnings.warn(QValueWarning(
-                f"[{self.name}] mean Q-value {q:.4g} passed q_value_bound={self.q_bound:g} at {self.unit} {step}: the "
-                "critics are probably diverging; lower the critic learning rate or raise the CQL weight"),
-                stacklevel=2)
+        """Keep this update's watched values on their device; `settle` reads them every `READ_EVERY`
+        checks and before each checkpoint, so that a GPU update is not synced at every step."""
+        zero = metrics["q_data"].new_zeros(())  # for losses this update did not compute (critic-only updates)
+        self.pending.append((step, torch.stack([metrics.get(key, zero) for key in WATCHED])))
+        if len(self.pending) >= READ_EVERY:
+            self.settle()
+
+    def settle(self) -> None:
+        """Read the values kept since the last read in one host transfer: stop at a non-finite loss or
+        Q-value, naming the step where it began; warn once when the mean Q-value passes the bound."""
+        if not self.pending:
+            return
+        steps, rows = [step for step, _ in self.pending], torch.stack([v for _, v in self.pending]).tolist()
+        self.pending.clear()
+        for step, row in zip(steps, rows):
+            values = dict(zip(WATCHED, row))
+            bad = [key for key, value in values.items() if not math.isfinite(value)]
+            if bad:
+                self.diverged(f"{', '.join(bad)} became NaN/Inf at {self.unit} {step}")
+            q = values["q_data"]
+            if self.q_exceeded_at is None and abs(q) > self.q_bound:
+                self.q_exceeded_at = step
+                warnings.warn(QValueWarning(
+                    f"[{self.name}] mean Q-value {q:.4g} passed q_value_bound={self.q_bound:g} at {self.unit} {step}: "
+                    "the critics are probably diverging; lower the critic learning rate or raise the CQL weight"),
+                    stacklevel=3)
 
     def diverged(self, what: str) -> NoReturn:
         kept = ("no checkpoint was saved before it" if self.saved_step is None else
@@ -165,6 +179,7 @@ class Supervisor:
     def tick(self, step: int, progress: Callable[[], dict], final: bool = False) -> None:
         """Save when due, at the end or on a stop signal; then stop if a signal asked for it."""
         if final or stop_requested() or step >= self.next_save:
+            self.settle()  # a checkpoint holds no weights past a NaN
             self.save(step, progress())
         stop_if_requested(self.path)
 

@@ -245,10 +245,15 @@ def test_q_values_above_the_bound_warn_once_with_the_step_where_they_began(tmp_p
         warnings.simplefilter("always")
         for step, q in enumerate([5.0, -50.0, -150.0, 300.0, 20.0], start=1):
             supervisor.check(metrics(q), step)
+        assert caught == []  # the values stay where they were computed until they are read
+        supervisor.settle()
     assert [type(w.message) for w in caught] == [supervision.QValueWarning]
     assert "mean Q-value -150 passed q_value_bound=100 at update 3" in str(caught[0].message)
+    supervisor.check(metrics(float("inf")), 6)
+    for step in range(7, 7 + supervision.READ_EVERY - 2):
+        supervisor.check(metrics(1.0), step)
     with pytest.raises(supervision.DivergenceError, match=r"q_data became NaN/Inf at update 6; no checkpoint was saved"):
-        supervisor.check(metrics(float("inf")), 6)
+        supervisor.check(metrics(1.0), 5 + supervision.READ_EVERY)  # the READ_EVERY-th check since the last read
 
 
 def test_checkpoints_get_the_mode_of_a_plainly_written_file(tmp_path):
