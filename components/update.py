@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -80,6 +80,9 @@ class Agent:
     tau: float
     critic_grad_clip: float | None = None
     actor_every: int = 1
+    # The loss's update count as of this agent's first update, counted on the host from then on, so
+    # that picking the actor's turn reads no device tensor (a sync per update on a GPU).
+    _count: int | None = field(default=None, init=False, repr=False)
 
     @property
     def actor(self):
@@ -88,7 +91,10 @@ class Agent:
     def update(self, batch: TensorDictBase) -> TensorDict:
         """One `update_step` on `batch` (the actor's part on every `actor_every`-th); returns the detached
         losses and diagnostics."""
-        update_actor = self.actor_every == 1 or int(self.loss.update_count) % self.actor_every == self.actor_every - 1
+        if self._count is None:
+            self._count = int(self.loss.update_count)  # after any checkpoint was loaded: loops restore first
+        update_actor = self.actor_every == 1 or self._count % self.actor_every == self.actor_every - 1
+        self._count += 1
         return update_step(self.loss, self.optimizer, batch, self.tau, self.critic_grad_clip, update_actor)
 
 
