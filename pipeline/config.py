@@ -367,15 +367,21 @@ class PipelineConfig:
     @classmethod
     def from_yaml(cls, path: str | Path | None = None, overrides: list[str] = ()) -> PipelineConfig:
         """The config of a YAML file (a path, or the name of a bundled example such as `lunarlander`;
-        None: the default) with `key=value` overrides laid over it."""
+        None: the default) with `key=value` overrides laid over it. A recipe named in the file lies
+        under the file's keys; one named by an override (`recipe=rlpd`) lies over the file and under
+        the other overrides, so that a bundled config with a recipe runs that recipe on the config's
+        task and budgets (e.g. RLPD's critic updates per frame, not the config's)."""
         data = read_yaml(resolve_config_path(path)) if path is not None else {}
+        given: dict = {}
         seen: dict[str, str] = {}
         for override in overrides:
-            key = apply_override(data, override)
+            key = apply_override(given, override)
             if key in seen:
                 raise ConfigError(f"{key} is given twice ({seen[key]!r} and {override!r}); give it once")
             seen[key] = override
-        return cls.from_dict(data)
+        if given.get("recipe") is not None:
+            data = merge_over(data, read_yaml(recipe_path(given["recipe"])))
+        return cls.from_dict(merge_over(data, given))
 
     def to_dict(self) -> dict:
         return to_plain(self)

@@ -32,6 +32,13 @@ def test_every_recipe_is_bundled_and_lies_under_the_config_and_overrides(tmp_pat
     wsrl = PipelineConfig.from_yaml(path)
     assert (wsrl.finetune.warmup_frames, wsrl.finetune.keep_optimizer, wsrl.finetune.optim.actor_every) == (1000, True, 4)
     assert PipelineConfig.from_yaml(wsrl.to_yaml(tmp_path / "again.yaml") and tmp_path / "again.yaml") == wsrl
+    # Named on the command line, a recipe lies over the config file: lunarlander.yaml's half an update
+    # per frame does not replace RLPD's four; the command line's own keys still win.
+    assert PipelineConfig.from_yaml("lunarlander").finetune.utd_ratio == 0.5
+    assert PipelineConfig.from_yaml("lunarlander", ["recipe=rlpd"]).finetune.utd_ratio == 4.0
+    assert PipelineConfig.from_yaml("lunarlander", ["recipe=rlpd", "finetune.utd_ratio=2"]).finetune.utd_ratio == 2.0
+    path.write_text("recipe: rlpd\nfinetune:\n  utd_ratio: 0.5\n")  # in the file, under the file's keys
+    assert PipelineConfig.from_yaml(path).finetune.utd_ratio == 0.5
     with pytest.raises(ConfigError, match="recipe must be one of \\['calql', 'cql', 'rlpd', 'seed', 'wsrl'\\]"):
         PipelineConfig.from_yaml(None, ["recipe=td3"])
     with pytest.raises(ConfigError, match="offline.loss.target_subset \\(2\\) is more than network.num_critics \\(1\\)"):
