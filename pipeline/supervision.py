@@ -111,7 +111,7 @@ class Supervisor:
         self.next_save = every
         self.saved_step: int | None = None
         self.q_exceeded_at: int | None = None
-        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, watched values) not read yet
+        self.pending: list[tuple[int, TensorDictBase]] = []  # (step, metrics) not read yet
         self.started, self.seconds_before = time.perf_counter(), 0.0
 
     @property
@@ -143,19 +143,20 @@ class Supervisor:
         return progress
 
     def check(self, metrics: TensorDictBase, step: int) -> None:
-        """Keep this update's watched values on their device; `settle` reads them every `READ_EVERY`
-        checks and before each checkpoint, so that a GPU update is not synced at every step."""
-        zero = metrics["q_data"].new_zeros(())  # for losses this update did not compute (critic-only updates)
-        self.pending.append((step, torch.stack([metrics.get(key, zero) for key in WATCHED])))
+        """Keep this update's metrics where they were computed; `settle` reads the watched ones every
+        `READ_EVERY` checks and before each checkpoint, so that a GPU update is not synced at every step."""
+        self.pending.append((step, metrics))
         if len(self.pending) >= READ_EVERY:
             self.settle()
 
     def settle(self) -> None:
-        """Read the values kept since the last read in one host transfer: stop at a non-finite loss or
-        Q-value, naming the step where it began; warn once when the mean Q-value passes the bound."""
+        """Read the watched values kept since the last read in one host transfer: stop at a non-finite
+        loss or Q-value, naming the step where it began; warn once when the mean Q-value passes the bound."""
         if not self.pending:
             return
-        steps, rows = [step for step, _ in self.pending], torch.stack([v for _, v in self.pending]).tolist()
+        zero = self.pending[0][1]["q_data"].new_zeros(())  # for losses an update did not compute (critic-only)
+        flat = torch.stack([metrics.get(key, zero) for _, metrics in self.pending for key in WATCHED])
+        steps, rows = [step for step, _ in self.pending], flat.view(len(self.pending), len(WATCHED)).tolist()
         self.pending.clear()
         for step, row in zip(steps, rows):
             values = dict(zip(WATCHED, row))

@@ -192,13 +192,6 @@ class Sweep:
             key = config_hash(self.config, self.overrides, self.axes, self.seeds)[:6]
             self.sweep_dir = str(Path(self.base.output_dir).resolve() / "sweeps" / f"{stamp}-{key}")
         self.runs = self.plan()
-        if self.vectorise_offline:
-            for setting in self.settings():
-                optim = self.run_config(setting, self.seeds[0]).offline.optim
-                if optim.actor_every != 1 or optim.critic_grad_clip is not None:
-                    raise ConfigError("--vectorise-offline updates every parameter at every step, without gradient "
-                                      "clipping: it needs offline.optim.actor_every=1 and no "
-                                      "offline.optim.critic_grad_clip")
 
     # --- the spec -----------------------------------------------------------------------------
     @classmethod
@@ -281,7 +274,11 @@ class Sweep:
         runs = []
         for index, setting in enumerate(self.settings()):
             for seed in self.seeds:
-                self.run_config(setting, seed)  # every config is valid before any run starts
+                optim = self.run_config(setting, seed).offline.optim  # every config is valid before any run starts
+                if self.vectorise_offline and (optim.actor_every != 1 or optim.critic_grad_clip is not None):
+                    raise ConfigError("--vectorise-offline updates every parameter at every step, without gradient "
+                                      "clipping: it needs offline.optim.actor_every=1 and no "
+                                      "offline.optim.critic_grad_clip")
                 run_dir = Path(self.sweep_dir) / "runs" / f"{index:02d}-seed{seed}"
                 done = earlier.get((index, seed))
                 finished = done is not None and done["status"] == "finished" and done.get("summary") is not None
