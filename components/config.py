@@ -11,13 +11,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 ACTIVATIONS = ("relu", "tanh", "elu", "silu")
+# For configs validated by pydantic: unknown keys are errors, and so are inf and nan (a `utd_ratio` of
+# .inf would loop for ever).
+STRICT = {"extra": "forbid", "allow_inf_nan": False}
 
 
 @dataclass
 class NetworkConfig:
     """Sizes of the actor and critic MLPs."""
 
-    __pydantic_config__ = {"extra": "forbid"}  # for configs validated by pydantic: unknown keys are errors
+    __pydantic_config__ = STRICT
 
     actor_hidden: tuple[int, ...] = (256, 256)
     """Hidden layer widths of the actor."""
@@ -49,7 +52,7 @@ class NetworkConfig:
 class LossConfig:
     """Options of the CQL-SAC loss (docs/loss.md); `cql_weight = 0` with `backup_entropy = True` is SAC."""
 
-    __pydantic_config__ = {"extra": "forbid"}  # for configs validated by pydantic: unknown keys are errors
+    __pydantic_config__ = STRICT
 
     gamma: float = 0.99
     """Discount. Bootstrapping stops on `terminated` only; a time-limit truncation still bootstraps."""
@@ -108,7 +111,7 @@ class LossConfig:
 class OptimConfig:
     """Learning rates of the four parameter groups and the Polyak rate of the target critics."""
 
-    __pydantic_config__ = {"extra": "forbid"}  # for configs validated by pydantic: unknown keys are errors
+    __pydantic_config__ = STRICT
 
     actor_lr: float = 1e-4
     """Adam learning rate of the actor."""

@@ -25,13 +25,21 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
-from cqlsac.components.config import LossConfig, NetworkConfig, OptimConfig
+from cqlsac.components.config import STRICT, LossConfig, NetworkConfig, OptimConfig
 from cqlsac.components.errors import UserError
 from cqlsac.datasets.presets import PRESETS
 
 
 class ConfigError(UserError):
     """A config file or override is invalid; the message names the key and what it takes."""
+
+
+SEED_LIMIT = 2**31  # a seed below it fits every RNG a stage seeds (torch's, numpy's, gymnasium's), offsets added
+
+
+def check_seed(value: int, key: str) -> None:
+    if not 0 <= value < SEED_LIMIT:
+        raise ConfigError(f"{key} must be in [0, 2**31), got {value}")
 
 
 def check_numbers(config, section: str, positive=(), non_negative=()) -> None:
@@ -47,7 +55,7 @@ def check_numbers(config, section: str, positive=(), non_negative=()) -> None:
 class EnvConfig:
     """The gymnasium environment every stage runs."""
 
-    __pydantic_config__ = {"extra": "forbid"}  # unknown keys are errors (pydantic validates these classes)
+    __pydantic_config__ = STRICT
 
     id: str = "Pendulum-v1"
     """A gymnasium id with Box observations and Box (continuous) or Discrete actions."""
@@ -59,7 +67,7 @@ class EnvConfig:
 class OnlineConfig:
     """An online training loop: collection, updates and evaluations."""
 
-    __pydantic_config__ = {"extra": "forbid"}
+    __pydantic_config__ = STRICT
 
     section: ClassVar[str] = "online"
 
@@ -135,7 +143,7 @@ class PretrainConfig(OnlineConfig):
 class DatasetConfig:
     """D^beta: an existing Minari dataset (`name`) or one generated from the pretrain stage."""
 
-    __pydantic_config__ = {"extra": "forbid"}
+    __pydantic_config__ = STRICT
 
     name: str | None = None
     """Id of a local Minari dataset to train on; it replaces the pretrain and dataset stages."""
@@ -167,7 +175,7 @@ class DatasetConfig:
 class OfflineConfig:
     """CQL-SAC on the offline data alone."""
 
-    __pydantic_config__ = {"extra": "forbid"}
+    __pydantic_config__ = STRICT
 
     updates: int = 6000
     """Gradient updates."""
@@ -242,12 +250,16 @@ class BaselineConfig(OnlineConfig):
     seed_offset: int = 0
     """Added to `seed` for this stage, to run SAC from scratch on other seeds than the agent."""
 
+    def __post_init__(self):
+        super().__post_init__()
+        check_numbers(self, "baseline", positive=("num_critics",))
+
 
 @dataclass
 class EvaluateConfig:
     """The final evaluation, and the seeds of every evaluation in the run."""
 
-    __pydantic_config__ = {"extra": "forbid"}
+    __pydantic_config__ = STRICT
 
     episodes: int = 10
     """Episodes of the final policy (deterministic, or sampled with `sample_actions`)."""
@@ -260,6 +272,7 @@ class EvaluateConfig:
 
     def __post_init__(self):
         check_numbers(self, "evaluate", positive=("episodes",))
+        check_seed(self.seed, "evaluate.seed")
 
 
 @dataclass
@@ -269,7 +282,7 @@ class CheckpointConfig:
     No stage's cache key covers this section: how often a stage saves does not change what it computes.
     """
 
-    __pydantic_config__ = {"extra": "forbid"}
+    __pydantic_config__ = STRICT
 
     offline_every: int = 500
     """Offline updates between checkpoints."""
@@ -286,7 +299,7 @@ class CheckpointConfig:
 class ReportConfig:
     """What the report adds to the evaluation curves. No stage's cache key covers it."""
 
-    __pydantic_config__ = {"extra": "forbid"}
+    __pydantic_config__ = STRICT
 
     episode_return_level: float | None = None
     """A training return level: the report counts the training episodes fine-tuning and SAC from scratch
@@ -299,6 +312,9 @@ class ReportConfig:
         check_numbers(self, "report", positive=("episode_window",))
 
 
+StageName = Literal["pretrain", "dataset", "offline", "finetune", "evaluate", "baseline"]
+
+
 def default_stages() -> list[str]:
     return ["finetune", "baseline", "evaluate"]
 
@@ -307,14 +323,14 @@ def default_stages() -> list[str]:
 class PipelineConfig:
     """A whole pipeline run; `PipelineConfig()` is the default that `cqlsac run` runs."""
 
-    __pydantic_config__ = {"extra": "forbid"}
+    __pydantic_config__ = STRICT
 
     seed: int = 0
     """Seed of every stage (each stage adds its own offset)."""
     recipe: str | None = None
     """A fine-tuning recipe bundled with cqlsac (cql, calql, seed, wsrl, rlpd): its settings lie under
     the config file's and the overrides (docs/recipes.md)."""
-    stages: list[str] = field(default_factory=default_stages)
+    stages: list[StageName] = field(default_factory=default_stages)
     """Stages to run; the stages they read run first (or are reused): by default all that fine-tuning,
     SAC from scratch and the final evaluation need."""
     output_dir: str = "runs"
@@ -344,6 +360,11 @@ class PipelineConfig:
     def __post_init__(self):
         if not self.stages:
             raise ConfigError("stages: the list is empty; name one or more stages, e.g. [offline]")
+        if self.dataset.name is not None and "pretrain" in self.stages:
+            raise ConfigError(f"stages: pretrain trains the policies that record a dataset, and dataset.name="
+                              f"{self.dataset.name} names the dataset to use instead; drop one of the two")
+        check_seed(self.seed, "seed")
+        check_seed(self.seed + self.baseline.seed_offset, "seed + baseline.seed_offset")
         if not self.q_value_bound > 0:
             raise ConfigError(f"q_value_bound must be positive, got {self.q_value_bound}")
         if self.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
@@ -405,10 +426,12 @@ class _Loader(yaml.SafeLoader):
     """YAML with YAML 1.2's numbers (`3e-4`, `1e3` are floats, not strings) and no duplicate keys."""
 
     def construct_mapping(self, node, deep=False):
-        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
-        repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
-        if repeated:
-            raise ConfigError(f"key(s) {', '.join(repeated)} given twice{node.start_mark}")
+        seen = []  # a list: YAML allows unhashable keys, which validation then refuses
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"key {key} given twice (again on line {key_node.start_mark.line + 1})")
+            seen.append(key)
         return super().construct_mapping(node, deep)
 
 
@@ -424,6 +447,8 @@ def parse_yaml(text: str, where: str) -> Any:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where} is not valid YAML: {' '.join(str(exc).split())}") from None
+    except ConfigError as exc:  # a key given twice
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def resolve_config_path(path: str | Path) -> Path:
@@ -434,7 +459,11 @@ def resolve_config_path(path: str | Path) -> Path:
     bundled = bundled_configs()
     if path.suffix == "" and path.name in bundled:
         return bundled[path.name]
-    raise ConfigError(f"config file {path} does not exist (bundled configs: {', '.join(sorted(bundled))})")
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; name a YAML file or a bundled config "
+                          f"({', '.join(sorted(bundled))})")
+    hint = "; an override looks like key=value" if "." in path.name and path.suffix not in (".yaml", ".yml") else ""
+    raise ConfigError(f"config file {path} does not exist (bundled configs: {', '.join(sorted(bundled))}){hint}")
 
 
 def bundled_configs(package: str = "cqlsac.configs") -> dict[str, Path]:
@@ -445,7 +474,7 @@ def bundled_configs(package: str = "cqlsac.configs") -> dict[str, Path]:
 
 def recipe_path(name: str) -> Path:
     recipes = bundled_configs("cqlsac.configs.recipes")
-    if name not in recipes:
+    if not isinstance(name, str) or name not in recipes:
         raise ConfigError(f"recipe must be one of {sorted(recipes)}, got {name!r}")
     return recipes[name]
 
@@ -460,7 +489,11 @@ def merge_over(base: dict, update: dict) -> dict:
 
 
 def read_yaml(path: Path) -> dict:
-    data = parse_yaml(path.read_text(), f"config file {path}") or {}
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text; a config is a YAML file") from None
+    data = parse_yaml(text, f"config file {path}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
     return data
@@ -476,8 +509,10 @@ def apply_override(data: dict, override: str) -> str:
         raise ConfigError(f"override {override!r} has an empty key part")
     try:
         value = yaml.load(raw, Loader=_Loader)
-    except (yaml.YAMLError, ConfigError):
+    except yaml.YAMLError:
         value = raw
+    except ConfigError as exc:  # a key given twice
+        raise ConfigError(f"override {override!r}: {exc}") from None
     node = data
     for part in parts[:-1]:
         child = node.setdefault(part, {})
@@ -506,10 +541,23 @@ def validate(cls: type, data: Any) -> Any:
 
     if not isinstance(data, dict):
         raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
+    refuse_bools(cls, data)
     try:
         return _adapter(cls).validate_python(over_defaults(cls(), data))
     except ValidationError as exc:
         raise ConfigError(_describe(cls, exc.errors()[0])) from None
+
+
+def refuse_bools(cls: type, data: dict, where: tuple[str, ...] = ()) -> None:
+    """`true` or `false` where a number goes is a mistake, which pydantic would read as 1 or 0."""
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        kinds = typing.get_args(hints.get(key)) or (hints.get(key),)
+        section = next((kind for kind in kinds if dataclasses.is_dataclass(kind)), None)
+        if section is not None and isinstance(value, dict):
+            refuse_bools(section, value, (*where, key))
+        elif isinstance(value, bool) and bool not in kinds and (int in kinds or float in kinds):
+            raise ConfigError(f"{'.'.join((*where, key))} must be a number, got {str(value).lower()}")
 
 
 def over_defaults(default: Any, data: dict) -> dict:
@@ -536,6 +584,8 @@ def _describe(cls: type, error: dict) -> str:
     if kind == "value_error":
         message = str(error["ctx"]["error"])
         return message if not loc or message.startswith(loc[0]) else f"{key}: {message}"
+    if kind == "finite_number":
+        return f"{key} must be a finite number, got {value!r}"
     if kind == "literal_error":
         return f"{key} must be one of {error['ctx']['expected']}, got {value!r}"
     for word, what in _TYPE_WORDS.items():

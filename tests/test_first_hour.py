@@ -53,8 +53,19 @@ def test_a_key_given_twice_is_an_error_not_the_last_one_silently():
 def test_a_key_twice_in_a_yaml_file_is_an_error(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("offline:\n  updates: 10\n  updates: 20\n")
-    with pytest.raises(ConfigError, match="key\\(s\\) updates given twice"):
+    with pytest.raises(ConfigError, match=f"^config file {path}: key updates given twice \\(again on line 3\\)$"):
         PipelineConfig.from_yaml(path)
+
+
+def test_config_files_that_are_not_yaml_files_are_named_errors(tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe seed: 1")
+    with pytest.raises(ConfigError, match=f"^config file {binary} is not UTF-8 text"):
+        PipelineConfig.from_yaml(binary)
+    with pytest.raises(ConfigError, match=f"^config file {tmp_path} is a directory"):
+        PipelineConfig.from_yaml(tmp_path)
+    with pytest.raises(ConfigError, match="config file offline.updates does not exist .*; an override looks like key=value"):
+        PipelineConfig.from_yaml("offline.updates")  # `cqlsac config offline.updates`, the `=value` forgotten
 
 
 def test_random_frames_off_the_batch_grid_name_the_key():

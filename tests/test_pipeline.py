@@ -4,6 +4,7 @@ import dataclasses
 import json
 import signal
 import threading
+import typing
 import warnings
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from cqlsac.datasets.creation import create_dataset
 from cqlsac.pipeline import stages, supervision
 from cqlsac.pipeline.cache import ConfigView, UndeclaredConfigRead, read_values, stage_lock
 from cqlsac.pipeline.cli import main
-from cqlsac.pipeline.config import ConfigError, PipelineConfig
+from cqlsac.pipeline.config import ConfigError, PipelineConfig, StageName
 from cqlsac.pipeline.pipeline import Pipeline
 from cqlsac.pipeline.stages import STAGES, pick_medium
 
@@ -84,6 +85,20 @@ def test_yaml_round_trip_and_overrides(tmp_path):
     ("network.critic_hidden=[0]", "critic_hidden sizes must be positive"),
     ("stages=offline", "stages must be a list"),
     ("stages=[]", "stages: the list is empty"),
+    ("stages=[offline,train]", "stages[1] must be one of 'pretrain', 'dataset', 'offline', 'finetune', 'evaluate' or "
+                               "'baseline', got 'train'"),
+    ("pretrain.utd_ratio=.inf", "pretrain.utd_ratio must be a finite number, got inf"),  # would update for ever
+    ("offline.loss.gamma=.nan", "offline.loss.gamma must be a finite number, got nan"),
+    ("offline.updates=true", "offline.updates must be a number, got true"),  # not silently 1
+    ("finetune.cql_weight=false", "finetune.cql_weight must be a number, got false"),
+    ("seed=-1", "seed must be in [0, 2**31), got -1"),
+    ("seed=2147483648", "seed must be in [0, 2**31), got 2147483648"),
+    ("evaluate.seed=-1", "evaluate.seed must be in [0, 2**31), got -1"),
+    ("baseline.seed_offset=-5", "seed + baseline.seed_offset must be in [0, 2**31), got -5"),
+    ("baseline.num_critics=0", "baseline.num_critics must be positive, got 0"),
+    ("recipe=[cql,rlpd]", "recipe must be one of ['calql', 'cql', 'rlpd', 'seed', 'wsrl'], got ['cql', 'rlpd']"),
+    ("offline={updates: 1, updates: 2}",
+     "override 'offline={updates: 1, updates: 2}': key updates given twice (again on line 1)"),
 ])
 def test_bad_config_names_the_key(override, message):
     with pytest.raises(ConfigError) as err:
@@ -99,7 +114,14 @@ def test_cli_reports_config_errors_with_exit_status_2(capsys):
 
 def test_unknown_stages_are_a_config_error():
     with pytest.raises(ConfigError, match=r"stages: unknown stage\(s\) \['train'\]"):
-        Pipeline(PipelineConfig.from_yaml(None, ["stages=[pretrain,train]"]))
+        Pipeline(PipelineConfig(stages=["pretrain", "train"]))  # built in Python, past the config's validation
+    assert typing.get_args(StageName) == stages.STAGE_NAMES  # the names a config takes are the stages there are
+
+
+def test_pretraining_with_a_named_dataset_is_a_config_error_not_a_run_of_nothing():
+    with pytest.raises(ConfigError, match="stages: pretrain trains the policies that record a dataset, and "
+                                          "dataset.name=a/bb-v0 names the dataset to use instead"):
+        PipelineConfig.from_yaml(None, ["dataset.name=a/bb-v0", "stages=[pretrain]"])
 
 
 def test_named_dataset_replaces_pretrain_and_dataset_stages():
