@@ -14,6 +14,42 @@ class UnknownEnvError(UserError):
     """The env id is not registered with gymnasium."""
 
 
+class EnvError(UserError):
+    """An env the pipeline cannot run: kwargs it refuses, spaces the networks do not take, no time limit."""
+
+
+def check_known(env_id: str) -> None:
+    if env_id not in gym.registry:
+        close = [name for name in gym.registry if env_id.split("-")[0].lower() in name.lower()][:5]
+        hint = f" Similar ids: {', '.join(close)}." if close else ""
+        raise UnknownEnvError(f"gymnasium does not know the env id {env_id!r}.{hint}")
+
+
+def check_env(env_id: str, env_kwargs: dict[str, Any] | None = None, kwargs_name: str = "env.kwargs") -> None:
+    """Fail in one line before any work, not deep inside a stage: an unknown id, kwargs the env
+    refuses, observations that are not a vector, actions neither Box nor Discrete, or no time limit
+    (an evaluation episode would never end). `kwargs_name` is what the user sets the kwargs with."""
+    check_known(env_id)
+    kwargs = env_kwargs or {}
+    try:
+        env = gym.make(env_id, **kwargs)
+    except (TypeError, ValueError, gym.error.Error) as exc:
+        raise EnvError(f"{kwargs_name} {kwargs} do not work with {env_id} ({str(exc).splitlines()[0]}); fix or "
+                       f"remove {kwargs_name}") from None
+    try:
+        observations, actions = env.observation_space, env.action_space
+        if not (isinstance(observations, gym.spaces.Box) and len(observations.shape) == 1):
+            raise EnvError(f"{env_id} observes {observations}; the networks take a vector of numbers (a 1-D Box)")
+        if not (isinstance(actions, gym.spaces.Discrete)
+                or isinstance(actions, gym.spaces.Box) and len(actions.shape) == 1):
+            raise EnvError(f"{env_id} acts in {actions}; the agents act in a 1-D Box (continuous) or a Discrete space")
+        if env.spec is None or env.spec.max_episode_steps is None:
+            raise EnvError(f"{env_id} with {kwargs_name} {kwargs} has no time limit, so an episode may never end; "
+                           f"give it one in {kwargs_name}, e.g. {{max_episode_steps: 1000}}")
+    finally:
+        env.close()
+
+
 def make_env(env_id: str, seed: int | None = None, env_kwargs: dict[str, Any] | None = None,
              num_envs: int = 1) -> TransformedEnv:
     """TorchRL env for a gymnasium id; observations and actions are cast to float32, discrete
@@ -23,10 +59,7 @@ def make_env(env_id: str, seed: int | None = None, env_kwargs: dict[str, Any] | 
     size `[num_envs]`, env `i` seeded with `seed + i`), so that one policy call serves a step of
     each; an env that ends resets in the same step.
     """
-    if env_id not in gym.registry:
-        close = [name for name in gym.registry if env_id.split("-")[0].lower() in name.lower()][:5]
-        hint = f" Similar ids: {', '.join(close)}." if close else ""
-        raise UnknownEnvError(f"gymnasium does not know the env id {env_id!r}.{hint}")
+    check_known(env_id)
     kwargs = env_kwargs or {}
     if num_envs == 1:
         base = GymEnv(env_id, categorical_action_encoding=True, **kwargs)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "offline": ("DatasetInfo", "check_spaces", "dataset_content_digest", "dataset_files_digest", "default_cache_dir",
-                "files_digest", "load_offline_replay", "load_transitions", "normalized", "normalized_score",
-                "reference_scores_of"),
+    "offline": ("DatasetInfo", "check_dataset_fits", "check_spaces", "dataset_content_digest", "dataset_files_digest",
+                "default_cache_dir", "files_digest", "load_offline_replay", "load_transitions", "normalized",
+                "normalized_score", "reference_scores_of"),
     "store": ("DatasetError", "datasets_root", "is_local", "list_local_datasets", "open_dataset"),
     "writer": ("Episode", "check_reference_scores", "check_writable", "transitions_to_episodes", "write_dataset"),
     "creation": ("BehaviourPolicy", "DatasetCreationError", "create_dataset", "write_replay_dataset"),

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from cqlsac.components.checkpoints import load_policy
 from cqlsac.components.collector import make_collector
-from cqlsac.components.envs import make_env
+from cqlsac.components.envs import check_env, make_env
 from cqlsac.components.errors import UserError
 from cqlsac.components.evaluation import evaluate_policy
 from cqlsac.datasets.presets import NUM_POLICIES, PRESETS, RANDOM
@@ -107,6 +107,7 @@ def _env_spec(env_id: str, env_kwargs: dict) -> EnvSpec:
                                    "check --env and --env-kwargs") from None
     spec = env.spec
     env.close()
+    check_env(env_id, env_kwargs, "--env-kwargs")  # spaces the agents take, and a time limit
     return spec
 
 

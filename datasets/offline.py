@@ -274,14 +274,30 @@ def _same_space(dataset_space: gym.Space, env_space: gym.Space) -> bool:
 
 def check_spaces(info: DatasetInfo, env: EnvBase) -> None:
     """Raise `DatasetError` unless the dataset's observation and action spaces match the env's specs."""
+    _check_fit(info.dataset_id, info.observation_space, info.action_space, info.env_id, env)
+
+
+def check_dataset_fits(dataset_id: str, env: EnvBase) -> None:
+    """`check_spaces` from the dataset's metadata alone, before any transition is read (or anything written)."""
+    dataset = open_dataset(dataset_id)
+    _check_fit(dataset_id, *_spaces(dataset), None if dataset.env_spec is None else dataset.env_spec.id, env)
+    try:  # reading an episode opens the data file, which fails here if it is truncated
+        if dataset.total_episodes:
+            next(iter(dataset.storage.get_episodes([dataset.total_episodes - 1])))
+    except READ_ERRORS as exc:
+        raise corrupted_dataset_error(dataset_id, Path(dataset.spec.data_path), exc) from None
+
+
+def _check_fit(dataset_id: str, observation_space: gym.Space, action_space: gym.Space, env_id: str | None,
+               env: EnvBase) -> None:
     batch_dims = len(env.batch_size)
-    for name, space, spec in (("observation", info.observation_space, env.observation_spec["observation"]),
-                              ("action", info.action_space, env.action_spec)):
+    for name, space, spec in (("observation", observation_space, env.observation_spec["observation"]),
+                              ("action", action_space, env.action_spec)):
         env_space = _space_of(spec, batch_dims)
         if not _same_space(space, env_space):
             raise DatasetError(
-                f"dataset {info.dataset_id!r} does not fit the env: its {name} space is {_describe(space)} but the "
-                f"env's is {_describe(env_space)}; use the env the dataset was recorded on ({info.env_id}) or a "
+                f"dataset {dataset_id!r} does not fit the env: its {name} space is {_describe(space)} but the "
+                f"env's is {_describe(env_space)}; use the env the dataset was recorded on ({env_id}) or a "
                 "dataset of this env")
 
 

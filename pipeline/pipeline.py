@@ -24,11 +24,11 @@ from cqlsac.components.allocator import keep_freed_memory
 from cqlsac.components.checkpoints import atomic_write, save_policy
 from cqlsac.components.collector import make_collector
 from cqlsac.components.config import LossConfig, NetworkConfig, OptimConfig
-from cqlsac.components.envs import make_env
+from cqlsac.components.envs import check_env, make_env
 from cqlsac.components.evaluation import evaluate_policy
 from cqlsac.components.networks import action_bounds, is_discrete
 from cqlsac.components.update import Agent, make_agent
-from cqlsac.datasets import check_spaces, load_offline_replay
+from cqlsac.datasets import check_dataset_fits, check_spaces, load_offline_replay
 from cqlsac.pipeline import report
 from cqlsac.pipeline.cache import (
     ConfigView,
@@ -40,7 +40,14 @@ from cqlsac.pipeline.cache import (
     stage_lock,
 )
 from cqlsac.pipeline.config import ConfigError, OnlineConfig, PipelineConfig, config_hash, finetune_loss
-from cqlsac.pipeline.stages import STAGE_NAMES, Stage, run_offline_together, stage_table
+from cqlsac.pipeline.stages import (
+    STAGE_NAMES,
+    Stage,
+    check_dataset_target,
+    generated_dataset_id,
+    run_offline_together,
+    stage_table,
+)
 from cqlsac.pipeline.supervision import STATE_SUFFIX, CurveRecord, OnlineRecord, Supervisor, stop_if_requested
 
 
@@ -269,17 +276,20 @@ class Pipeline:
     def check(self, plan: list[str]) -> None:
         """Fail before anything is written: an env that cannot be made, a named dataset that is not
         local (its key needs its files), a folder that cannot be written."""
-        try:
-            env = make_env(self.cfg.env.id, env_kwargs=self.cfg.env.kwargs)
-        except (TypeError, gym.error.Error) as exc:
-            raise ConfigError(f"env.kwargs {self.cfg.env.kwargs} do not work with {self.cfg.env.id} "
-                              f"({str(exc).splitlines()[0]}); fix or remove env.kwargs") from None
+        check_env(self.cfg.env.id, self.cfg.env.kwargs)
+        env = make_env(self.cfg.env.id, env_kwargs=self.cfg.env.kwargs)
         try:
             check_action_family(self.cfg, env.action_spec)
+            if self.cfg.dataset.name is not None:
+                check_dataset_fits(self.cfg.dataset.name, env)
         finally:
             env.close()
         for name in plan:
             self.stage_key(name)
+        # A dataset stage that will run must not write over a local dataset. Where its folder exists,
+        # another run may be writing it now; the stage checks again under its lock.
+        if "dataset" in plan and self.cfg.dataset.name is None and not self.stage_dir("dataset").exists():
+            check_dataset_target(generated_dataset_id(self.cfg, self.stage_key("dataset")))
         ensure_writable(Path(self.cfg.cache_dir), "cache_dir")
 
     def run(self, stages=None) -> dict:

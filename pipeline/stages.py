@@ -150,13 +150,13 @@ def run_dataset(ctx: StageContext) -> dict:
     gives a dataset without normalisation bounds.
     """
     cfg, dcfg, pretrain = ctx.cfg, ctx.cfg.dataset, ctx.inputs["pretrain"]
-    env_slug = cfg.env.id.lower().replace("-", "_")
-    dataset_id = dcfg.save_as or f"cqlsac/{env_slug}/{dcfg.preset}_{ctx.key[:8]}-v0"
+    dataset_id = generated_dataset_id(cfg, ctx.key)
+    check_dataset_target(dataset_id)  # again, under the stage's lock: another run may have written it since
     checkpoints = pretrain["checkpoints"]
     expert = max(checkpoints, key=lambda c: c["return"])
     medium = pick_medium(checkpoints, pretrain["random_return"], expert["return"], dcfg.medium_level,
                          cfg.pretrain.init_random_frames)
-    common = dict(expert=expert["path"] if dcfg.reference_scores else None, seed=ctx.seed, overwrite=True,
+    common = dict(expert=expert["path"] if dcfg.reference_scores else None, seed=ctx.seed, overwrite=False,
                   allow_weak_expert=True)
     if dcfg.preset == "medium-replay":
         replay = TensorDict.load_memmap(pretrain["replay"])[: medium["frames"]]
@@ -173,6 +173,20 @@ def run_dataset(ctx: StageContext) -> dict:
 def use_named_dataset(ctx: StageContext) -> dict:
     """A dataset from the local Minari store, by name (`dataset.name`)."""
     return describe_dataset(ctx.cfg.dataset.name)
+
+
+def generated_dataset_id(cfg: PipelineConfig, key: str) -> str:
+    """The id the dataset stage writes to: `dataset.save_as`, else one named by the env, preset and stage key."""
+    env_slug = cfg.env.id.lower().replace("-", "_")
+    return cfg.dataset.save_as or f"cqlsac/{env_slug}/{cfg.dataset.preset}_{key[:8]}-v0"
+
+
+def check_dataset_target(dataset_id: str) -> None:
+    """A malformed id, or one the local store holds already (no dataset is ever written over), is a `ConfigError`."""
+    if is_local(dataset_id):
+        raise ConfigError(f"dataset {dataset_id} is already in the local Minari store, and the dataset stage would "
+                          f"write over it: train on it with dataset.name={dataset_id}, set another dataset.save_as, "
+                          f"or delete it first (minari delete {dataset_id})")
 
 
 def dataset_is_local(outputs: dict) -> bool:

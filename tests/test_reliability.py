@@ -20,10 +20,11 @@ from cqlsac.components.checkpoints import atomic_torch_save, default_file_mode, 
 from cqlsac.components.envs import make_env
 from cqlsac.components.replay import OnlineReplay
 from cqlsac.components.update import make_agent
-from cqlsac.datasets import Episode, load_transitions, write_dataset
+from cqlsac.datasets import Episode, dataset_content_digest, load_transitions, write_dataset
 from cqlsac.datasets.creation import create_dataset
-from cqlsac.pipeline import supervision
+from cqlsac.pipeline import stages, supervision
 from cqlsac.pipeline.cli import main
+from cqlsac.pipeline.config import ConfigError
 from cqlsac.pipeline.pipeline import MetricsLog, Pipeline
 
 DATASET = "test/pendulum-random-v0"
@@ -301,13 +302,33 @@ def bad_inputs(store):
     (["checkpoints.online_every=0"], "checkpoints.online_every must be at least 1"),
     (["output_dir={root}/a-file/runs"], "output_dir: cannot write to {root}/a-file/runs/"),
     (["cache_dir={root}/a-file/cache"], "cache_dir: cannot write to {root}/a-file/cache ("),
+    # Envs the agents cannot run: refused before a run directory exists, not deep inside a stage.
+    (["env.kwargs={max_episode_steps: -1}"], "Pendulum-v1 with env.kwargs {'max_episode_steps': -1} has no time "
+                                             "limit, so an episode may never end"),
+    (["env.kwargs={max_episode_steps: -5}"], "env.kwargs {'max_episode_steps': -5} do not work with Pendulum-v1"),
+    (["env.id=FrozenLake-v1"], "FrozenLake-v1 observes Discrete(16); the networks take a vector of numbers"),
+    (["env.id=CarRacing-v3"], "CarRacing-v3 observes Box(0, 255, (96, 96, 3), uint8)"),
+    (["env.id=Blackjack-v1"], "Blackjack-v1 observes Tuple(Discrete(32), Discrete(11), Discrete(2))"),
+    # A dataset the stage would write over, or could not write at all, is refused before pretraining.
+    (["dataset.name=null", "dataset.save_as=test/car-v0", "stages=[dataset]"],
+     "dataset test/car-v0 is already in the local Minari store, and the dataset stage would write over it"),
+    (["dataset.name=null", "dataset.save_as=x/y-v0", "stages=[dataset]"], "malformed dataset id 'x/y-v0'"),
 ])
 def test_bad_run_input_is_one_line_with_status_2(bad_inputs, capsys, args, message):
     args = [arg.replace("{root}", str(bad_inputs)) for arg in args]
-    assert main(["run", *run_args(bad_inputs, "bad", *args)]) == 2
+    name = f"bad-{abs(hash(tuple(args)))}"
+    assert main(["run", *run_args(bad_inputs, name, *args)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"cqlsac run: error: {message.replace('{root}', str(bad_inputs))}"), err
     assert err.count("\n") == 1 and "Traceback" not in err
+    assert not [path for path in (bad_inputs / name).rglob("*") if path.is_file()]  # nothing written
+
+
+def test_no_dataset_is_written_over(bad_inputs):
+    before = dataset_content_digest("test/car-v0")
+    with pytest.raises(ConfigError, match="already in the local Minari store"):
+        stages.check_dataset_target("test/car-v0")
+    assert dataset_content_digest("test/car-v0") == before
 
 
 def test_a_damaged_dataset_cache_is_rebuilt_not_read_as_zeros(store):
