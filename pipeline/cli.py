@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cqlsac.components.errors import UserError
 from cqlsac.pipeline.config import ConfigError, PipelineConfig, bundled_configs
-from cqlsac.pipeline.datasets_cli import add_datasets_parser, positive_int
+from cqlsac.pipeline.datasets_cli import add_datasets_parser, positive_int, seed_int
 
 DIVERGED = 3  # exit status of a run stopped by a NaN/Inf loss or Q-value
 CONFIG_HELP = (f"a YAML config file, or the name of a bundled one ({', '.join(sorted(bundled_configs()))}); "
@@ -83,7 +83,13 @@ def eval_command(args: argparse.Namespace) -> int:
         if not summary.is_file():
             raise ConfigError(f"{target} is not a finished run directory (no summary.json); pass a policy "
                               "checkpoint or the folder that `cqlsac run` printed last")
-        summary = json.loads(summary.read_text())
+        try:
+            summary = json.loads(summary.read_text())
+        except ValueError:
+            summary = None
+        if not isinstance(summary, dict) or not isinstance(summary.get("policy"), (str, type(None))):
+            raise ConfigError(f"{target / 'summary.json'} is not a run summary cqlsac can read; pass the policy.pt "
+                              "of the run instead")
         if not summary.get("policy"):
             raise ConfigError(f"run {target} has no fine-tuned policy (its stages stopped before finetune)")
         target, dataset_id = Path(summary["policy"]), dataset_id or summary.get("dataset_id")
@@ -136,11 +142,13 @@ def report_command(args: argparse.Namespace) -> int:
     from their records)."""
     from cqlsac.pipeline import sweep_report
 
-    for sweep in map(Path, args.sweeps):
+    sweeps = [Path(d) for d in args.sweeps]
+    if args.results is not None:  # first: it reads every record and checks the page before it writes anything
+        sweep_report.write_results(sweeps, Path(args.results))
+    for sweep in sweeps:
         if sweep.is_dir() or args.results is None:
             print(sweep_report.write(sweep))
     if args.results is not None:
-        sweep_report.write_results([Path(d) for d in args.sweeps], Path(args.results))
         print(args.results)
     return 0
 
@@ -158,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. finetune.mixing=annealed seed=3")
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue an interrupted run from its last checkpoints (finished stages are reused)")
-    run.set_defaults(handler=run_command)
+    run.set_defaults(parser=run, handler=run_command)
     sweep = commands.add_parser(
         "sweep", help="run a pipeline over seeds and settings, with confidence intervals",
         description="Every combination of the listed values (key=v1,v2 makes an axis, key=v fixes a value) over "
@@ -180,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--vectorise-offline", action="store_true",
                        help="first compute each setting's offline stages together, one vectorised update of all "
                             "its seeds' agents (their datasets must exist: e.g. dataset.name=ID)")
-    sweep.set_defaults(handler=sweep_command)
+    sweep.set_defaults(parser=sweep, handler=sweep_command)
     report = commands.add_parser("report", help="regenerate the report of sweeps from their directories",
                                  description="Write report.md and curves.png of each sweep again from its sweep.json; "
                                              "with --results, also make or update a results page: a generated "
@@ -189,13 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a sweep directory, or with --results a record of one (records/NAME.json)")
     report.add_argument("--results", metavar="FILE", help="also make or update this results page (e.g. docs/results.md); "
                                                           "the other sweeps' sections on it are kept")
-    report.set_defaults(handler=report_command)
+    report.set_defaults(parser=report, handler=report_command)
     config = commands.add_parser("config", help="print the resolved config with every key documented",
                                  description="Print the config that `cqlsac run` with the same arguments would run, "
                                              "each key with its documentation.")
     config.add_argument("config", nargs="?", help=CONFIG_HELP)
     config.add_argument("overrides", nargs="*", metavar="key=value")
-    config.set_defaults(handler=config_command)
+    config.set_defaults(parser=config, handler=config_command)
     evaluate = commands.add_parser(
         "eval", help="evaluate a policy checkpoint or a run's fine-tuned policy",
         description="Mean return of the policy (deterministic unless --sample-actions) over seeded episodes "
@@ -205,11 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint", metavar="POLICY|RUN_DIR",
                           help="a policy.pt, or a run directory printed by `cqlsac run`")
     evaluate.add_argument("--episodes", type=positive_int, default=10, help="episodes (default 10)")
-    evaluate.add_argument("--seed", type=int, default=10_000, help="env seed of the first episode (default 10000)")
+    evaluate.add_argument("--seed", type=seed_int, default=10_000, help="env seed of the first episode (default 10000)")
     evaluate.add_argument("--dataset", metavar="ID", help="normalise with this dataset's reference scores")
     evaluate.add_argument("--sample-actions", action="store_true",
                           help="sample actions from the policy, as evaluate.sample_actions does in a run")
-    evaluate.set_defaults(handler=eval_command)
+    evaluate.set_defaults(parser=evaluate, handler=eval_command)
     add_datasets_parser(commands)
     return parser
 
@@ -220,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     # key=value given after an option (`cqlsac sweep smoke --seeds 0-9 a=1,2`) lands here: it is an override.
     target = {"run": "overrides", "config": "overrides", "sweep": "assignments"}.get(args.command)
     if extra and (target is None or any(item.startswith("-") or "=" not in item for item in extra)):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")  # the command's usage
     if extra:
         getattr(args, target).extend(extra)
     if args.command is None:

@@ -488,14 +488,14 @@ def merge_over(base: dict, update: dict) -> dict:
     return merged
 
 
-def read_yaml(path: Path) -> dict:
+def read_yaml(path: Path, what: str = "config file") -> dict:
     try:
         text = path.read_text()
     except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not UTF-8 text; a config is a YAML file") from None
-    data = parse_yaml(text, f"config file {path}") or {}
+        raise ConfigError(f"{what} {path} is not UTF-8 text; it should be a YAML file") from None
+    data = parse_yaml(text, f"{what} {path}") or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(f"{what} {path} must hold a mapping of keys, got {type(data).__name__}")
     return data
 
 

@@ -32,6 +32,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_int(text: str) -> int:
+    """An argparse type for env seeds: gymnasium refuses negative ones, torch's generator ones past 64 bits."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**31), got {value}")
+    return value
+
+
 def add_datasets_parser(subparsers) -> argparse.ArgumentParser:
     """Register `datasets` on the main parser's subparsers; its handler is `args.handler(args) -> int`."""
     parser = subparsers.add_parser("datasets", help="list, show and create offline datasets (Minari format)",
@@ -58,9 +69,9 @@ def add_datasets_parser(subparsers) -> argparse.ArgumentParser:
     reference.add_argument("--expert", metavar="CHECKPOINT", help="expert policy whose return is ref_max_score")
     reference.add_argument("--ref-max-score", type=float, metavar="VALUE", help="expert return, given directly")
     create.add_argument("--ref-episodes", type=positive_int, default=10, help="episodes per reference score (default 10)")
-    create.add_argument("--seed", type=int, default=0)
+    create.add_argument("--seed", type=seed_int, default=0)
     create.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
-    parser.set_defaults(handler=run_datasets_command)
+    parser.set_defaults(parser=parser, handler=run_datasets_command)
     return parser
 
 

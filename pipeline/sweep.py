@@ -31,7 +31,8 @@ import yaml
 
 from cqlsac.components.checkpoints import atomic_json
 from cqlsac.components.errors import UserError
-from cqlsac.pipeline.config import ConfigError, PipelineConfig, config_hash, read_yaml, resolve_config_path
+from cqlsac.pipeline.cache import ensure_writable
+from cqlsac.pipeline.config import ConfigError, PipelineConfig, config_hash, read_yaml
 
 SWEEP_FILE = "sweep.json"
 BACKENDS = ("local", "ray")
@@ -53,11 +54,24 @@ def load_record(source: str | Path) -> dict:
     path = record_path(source)
     try:
         record = json.loads(path.read_text())
-    except ValueError:
-        record = None
+    except ValueError as exc:  # UnicodeDecodeError too
+        raise ConfigError(f"{path} is not a sweep record: it is not JSON ({str(exc).splitlines()[0]}); a file "
+                          "cut short cannot be read") from None
     if not (isinstance(record, dict) and isinstance(record.get("spec"), dict)):
         raise ConfigError(f"{path} is not a sweep record (no spec in it)")
+    missing = [f"spec.{key}" for key in RECORD_SPEC if key not in record["spec"]]
+    missing += [key for key in RECORD_KEYS if key not in record]
+    if not missing and not (isinstance(record["runs"], list)
+                            and all(isinstance(run, dict) and RECORD_RUN <= set(run) for run in record["runs"])):
+        missing = [f"runs with {', '.join(sorted(RECORD_RUN))}"]
+    if missing:
+        raise ConfigError(f"{path} is not a whole sweep record (it has no {', '.join(missing)})")
     return record
+
+
+RECORD_SPEC = ("config", "seeds", "axes", "overrides")  # what `sweep.json` holds, as `Sweep.save` writes it
+RECORD_KEYS = ("runs", "machine", "wall_seconds")
+RECORD_RUN = {"setting", "seed", "status", "summary"}
 
 
 def dataset_digests(runs: list[dict]) -> dict[str, set[str]]:
@@ -104,19 +118,19 @@ def split_values(text: str) -> list[str]:
     return values + [current]
 
 
-def parse_seeds(text: str) -> list[int]:
-    """`0-9` or `0,3,5` or `0-2,7` -> a list of seeds."""
+def parse_seeds(text: str, given_as: str = "--seeds") -> list[int]:
+    """`0-9` or `0,3,5` or `0-2,7` -> a list of seeds; errors name them as `given_as`."""
     seeds = []
     for part in text.split(","):
         match = re.fullmatch(r"\s*(-?\d+)\s*(?:-\s*(-?\d+)\s*)?", part)
         if match is None:
-            raise ConfigError(f"--seeds {text!r}: expected seeds like 0-9, 0,3,5 or 0-2,7")
+            raise ConfigError(f"{given_as} {text!r}: expected seeds like 0-9, 0,3,5 or 0-2,7")
         low, high = int(match[1]), int(match[2] if match[2] is not None else match[1])
         if high < low:
-            raise ConfigError(f"--seeds {text!r}: {low}-{high} is an empty range")
+            raise ConfigError(f"{given_as} {text!r}: {low}-{high} is an empty range")
         seeds += range(low, high + 1)
     if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds {text!r} names a seed twice")
+        raise ConfigError(f"{given_as} {text!r} names a seed twice")
     return seeds
 
 
@@ -173,6 +187,8 @@ class Sweep:
             raise ConfigError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+        if self.address is not None and self.backend != "ray":
+            raise ConfigError("--address names a Ray cluster: use it with --backend ray")
         if self.vectorise_offline and self.backend != "local":
             raise ConfigError("--vectorise-offline runs on this machine: use it with --backend local")
         if not self.seeds:
@@ -214,18 +230,44 @@ class Sweep:
         """A sweep from a YAML file with `config`, `seeds` (a list or a string like 0-9), `axes`
         (key: [values]) or `settings` (name: {key: value, ...}), `overrides` (key: value), and the
         `title` and `description` of its report."""
-        data = read_yaml(resolve_config_path(path))
+        if not Path(path).is_file():
+            raise ConfigError(f"sweep file {path} does not exist (the sweep files of the experiments are in "
+                              "experiments/sweeps/)")
+        data = read_yaml(Path(path), "sweep file")
         valid = {"config", "seeds", "axes", "settings", "overrides", "title", "description"}
         unknown = sorted(set(data) - valid)
         if unknown:
             raise ConfigError(f"sweep file {path}: unknown key(s) {unknown} (valid: {', '.join(sorted(valid))})")
+
+        def mapping(key: str, of: str = "values") -> dict:
+            value = data.get(key) or {}
+            if not isinstance(value, dict):
+                raise ConfigError(f"sweep file {path}: {key} must be a mapping of keys to {of}, got {value!r}")
+            return value
+
+        for key in ("config", "title", "description"):
+            if not isinstance(data.get(key), (str, type(None))):
+                raise ConfigError(f"sweep file {path}: {key} must be a string, got {data[key]!r}")
         seeds = data.get("seeds", [0])
-        seeds = parse_seeds(seeds) if isinstance(seeds, str) else [int(s) for s in seeds]
-        axes = {key: [as_override(key, v).split("=", 1)[1] for v in values]
-                for key, values in (data.get("axes") or {}).items()}
-        overrides = [as_override(key, value) for key, value in (data.get("overrides") or {}).items()]
+        if isinstance(seeds, str):
+            seeds = parse_seeds(seeds, f"sweep file {path}: seeds")
+        elif not (isinstance(seeds, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+            raise ConfigError(f"sweep file {path}: seeds must be a list of integers or a string like 0-9, got {seeds!r}")
+        elif len(set(seeds)) != len(seeds):
+            raise ConfigError(f"sweep file {path}: seeds {seeds} name a seed twice")
+        axes = mapping("axes", "lists of values")
+        for key, values in axes.items():
+            if not isinstance(values, list):
+                raise ConfigError(f"sweep file {path}: axes.{key} must be a list of values, got {values!r}")
+        settings = mapping("settings", "settings (each a mapping of config keys to values)")
+        for name, setting in settings.items():
+            if not isinstance(setting, dict):
+                raise ConfigError(f"sweep file {path}: settings.{name} must be a mapping of config keys to values, "
+                                  f"got {setting!r}")
+        axes = {key: [as_override(key, v).split("=", 1)[1] for v in values] for key, values in axes.items()}
+        overrides = [as_override(key, value) for key, value in mapping("overrides").items()]
         named = {str(name): {key: as_override(key, value).split("=", 1)[1] for key, value in setting.items()}
-                 for name, setting in (data.get("settings") or {}).items()}
+                 for name, setting in settings.items()}
         return cls(config=data.get("config"), seeds=seeds, axes=axes, overrides=overrides, named=named,
                    title=data.get("title"), description=data.get("description"), **execution)
 
@@ -300,14 +342,15 @@ class Sweep:
         whole sweep: running runs save their checkpoints and are marked interrupted (see `schedule`)."""
         from tqdm.auto import tqdm
 
-        Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)
+        ensure_writable(Path(self.cache_dir), "cache_dir")  # before anything is written, as for a run
+        ensure_writable(Path(self.sweep_dir), "output_dir")
+        backend = LocalBackend(self.workers) if self.backend == "local" else RayBackend(self.threads, self.address)
         started = time.time()
         todo = [run for run in self.runs if run.status != "finished"]
         self.save(started, None)
         tasks = {id(run): self.task(run) for run in todo}
         if self.vectorise_offline:
             self.offline_together(todo, tasks)
-        backend = LocalBackend(self.workers) if self.backend == "local" else RayBackend(self.threads, self.address)
         with tqdm(total=len(self.runs), initial=len(self.runs) - len(todo), desc="sweep", unit="run") as bar:
             try:
                 for run, result in schedule(todo, tasks, self.workers, backend):
@@ -517,8 +560,12 @@ class RayBackend:
         self.ray = ray
         self.owns = not ray.is_initialized()
         if self.owns:
-            ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-                     **({} if address else {"num_cpus": os.cpu_count()}))
+            try:
+                ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+                         **({} if address else {"num_cpus": os.cpu_count()}))
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise ConfigError(f"Ray did not start or connect{f' to {address}' if address else ''} "
+                                  f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
         self.remote = ray.remote(num_cpus=threads, max_retries=0, max_calls=1)(run_one)
 
     def submit(self, task: dict):

@@ -339,12 +339,14 @@ def plot(record: dict, path: Path) -> None:
 def write(sweep_dir: Path) -> Path:
     """Write `report.md` and `curves.png` of the sweep in `sweep_dir`; returns the report's path."""
     if not Path(sweep_dir).is_dir():
-        raise ConfigError(f"{sweep_dir} is a sweep record, not a sweep directory: regenerate it into a results page "
-                          "with --results FILE")
+        record_path(sweep_dir)  # neither a directory nor a record file: its error
+        raise ConfigError(f"{sweep_dir} is a sweep record, not a sweep directory: regenerate it into a results "
+                          "page with --results FILE")
     record = load_record(sweep_dir)
+    text = "# cqlsac sweep report\n\n" + markdown(record, record_name(sweep_dir), "curves.png")
     plot(record, Path(sweep_dir) / "curves.png")
     report = Path(sweep_dir) / "report.md"
-    atomic_write(report, "# cqlsac sweep report\n\n" + markdown(record, record_name(sweep_dir), "curves.png"))
+    atomic_write(report, text)
     return report
 
 
@@ -371,15 +373,18 @@ def write_results(sources: list[Path], results: Path, title: str = "Results") ->
     are gone. The named sweeps' sections are replaced where the page has them and added at its end
     otherwise; the page's other sections stay as they are."""
     results = Path(results)
+    if results.is_dir() or (results.parent.exists() and not results.parent.is_dir()):
+        raise ConfigError(f"--results {results}: not a file that can be written; name the results page, "
+                          "e.g. docs/results.md")
     images, records = results.parent / "img", results.parent / RECORDS
     page = results.read_text() if results.is_file() else ""
     sections = results_sections(page)
     if page.strip() and not sections:
         raise ConfigError(f"{results} has no generated sections (lines `{SECTION_MARK.format('NAME')}`), so "
                           "rewriting it would lose its text: give --results a new file")
-    for source in sources:
-        given, name = record_path(source), record_name(source)
-        record, kept = load_record(given), records / f"{name}.json"
+    loaded = [(record_path(source), record_name(source), load_record(source)) for source in sources]  # all, first
+    for given, name, record in loaded:
+        kept = records / f"{name}.json"
         if not (kept.is_file() and kept.samefile(given)):
             atomic_write(kept, given.read_bytes())
         images.mkdir(parents=True, exist_ok=True)

@@ -375,6 +375,21 @@ def test_bad_checkpoints_and_run_dirs_are_one_line_with_status_2(bad_inputs, cap
         assert err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_eval_refuses_a_damaged_run_summary_and_a_seed_out_of_range(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    for text in ("[1, 2", '{"policy": 5}', "[]"):
+        (run / "summary.json").write_text(text)
+        assert main(["eval", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"cqlsac eval: error: {run / 'summary.json'} is not a run summary cqlsac can read; pass the " \
+                      "policy.pt of the run instead\n"
+    for seed in ("-1", str(2**31)):
+        with pytest.raises(SystemExit) as stop:
+            main(["eval", str(run), "--seed", seed])
+        assert stop.value.code == 2 and f"argument --seed: must be in [0, 2**31), got {seed}" in capsys.readouterr().err
+
+
 def test_a_checkpoint_chunk_holds_its_own_rows_not_the_whole_buffer(tmp_path):
     data = OnlineReplay(100_000, batch_size=2)
     data.add(TensorDict({"x": torch.zeros(50_000, 8)}, [50_000]))

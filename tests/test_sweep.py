@@ -59,11 +59,65 @@ def test_the_runs_are_the_product_of_the_axes_setting_by_setting(tmp_path):
     (["seed=1,2"], "seeds are an axis of their own"),
     (["offline.updates=10,x"], "offline.updates must be an integer, got 'x'"),
     (["--vectorise-offline", "offline.optim.critic_grad_clip=1.0"], "it needs offline.optim.actor_every=1 and no"),
+    (["--seeds", "-1"], "seed must be in [0, 2**31), got -1"),
+    (["--address", "127.0.0.1:1"], "--address names a Ray cluster: use it with --backend ray"),
+    (["cache_dir=/proc/no-such-folder"], "cache_dir: cannot write to /proc/no-such-folder"),
 ])
 def test_a_bad_sweep_fails_before_any_run(tmp_path, capsys, assignments, message):
-    assert main(["sweep", *assignments, *folders(tmp_path)]) == 2
-    assert message in capsys.readouterr().err
+    given = {item.split("=")[0] for item in assignments}
+    assert main(["sweep", *[f for f in folders(tmp_path) if f.split("=")[0] not in given], *assignments]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("seeds: [1, 1]\n", "seeds [1, 1] name a seed twice"),
+    ("seeds: 5\n", "seeds must be a list of integers or a string like 0-9, got 5"),
+    ("seeds: [1.7]\n", "seeds must be a list of integers or a string like 0-9, got [1.7]"),
+    ("seeds: 5-2\n", "seeds '5-2': 5-2 is an empty range"),
+    ("settings: [a, b]\n", "settings must be a mapping of keys to settings"),
+    ("settings: {a: 5}\n", "settings.a must be a mapping of config keys to values, got 5"),
+    ("axes: {finetune.mixing: fixed}\n", "axes.finetune.mixing must be a list of values, got 'fixed'"),
+    ("overrides: [a, b]\n", "overrides must be a mapping of keys to values, got ['a', 'b']"),
+    ("config: [a]\n", "config must be a string, got ['a']"),
+    ("seeds: [0]\nseeds: [1]\n", "key seeds given twice (again on line 2)"),
+])
+def test_a_bad_sweep_file_is_one_line_before_anything_is_written(tmp_path, capsys, text, message):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(text + f"overrides: {{output_dir: {tmp_path / 'runs'}}}\n" * ("overrides" not in text))
+    assert main(["sweep", "--spec", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cqlsac sweep: error: sweep file {spec}") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
+    assert main(["sweep", "--spec", str(tmp_path / "nope.yaml")]) == 2
+    assert f"sweep file {tmp_path / 'nope.yaml'} does not exist" in capsys.readouterr().err
+
+
+def test_a_damaged_record_is_one_line_and_nothing_is_written(tmp_path, capsys):
+    whole = {"spec": {"config": None, "seeds": [0], "axes": {}, "overrides": []}, "runs": [],
+             "machine": {}, "wall_seconds": 1.0}
+    cases = [  # (the record's text, the message)
+        ('{"spec": {"config": null', "is not a sweep record: it is not JSON"),
+        ('{"spec": {}}', "is not a whole sweep record (it has no spec.config, spec.seeds, spec.axes, spec.overrides, "
+                         "runs, machine, wall_seconds)"),
+        (json.dumps({**whole, "runs": [{"seed": 0}]}), "is not a whole sweep record (it has no runs with seed, "
+                                                       "setting, status, summary)"),
+    ]
+    for text, message in cases:
+        sweep_dir = tmp_path / "sweep"
+        sweep_dir.mkdir(exist_ok=True)
+        (sweep_dir / "sweep.json").write_text(text)
+        for argv in (["report", str(sweep_dir)], ["report", str(sweep_dir), "--results", str(tmp_path / "r.md")],
+                     ["sweep", "--resume", str(sweep_dir)]):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert message in err and err.count("\n") == 1, err
+        assert sorted(p.name for p in tmp_path.rglob("*")) == ["sweep", "sweep.json"]  # no curves, page or record
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "is neither a sweep directory (no sweep.json in it) nor a sweep record" in capsys.readouterr().err
+    assert main(["report", str(sweep_dir), "--results", str(tmp_path)]) == 2
+    assert f"--results {tmp_path}: not a file that can be written" in capsys.readouterr().err
 
 
 def test_a_sweep_from_a_yaml_file(tmp_path):
