@@ -46,6 +46,14 @@ def check_env(env_id: str, env_kwargs: dict[str, Any] | None = None, kwargs_name
         if env.spec is None or env.spec.max_episode_steps is None:
             raise EnvError(f"{env_id} with {kwargs_name} {kwargs} has no time limit, so an episode may never end; "
                            f"give it one in {kwargs_name}, e.g. {{max_episode_steps: 1000}}")
+        if kwargs:  # a value of the wrong type may only fail once the env steps (Pendulum's g: abc)
+            try:
+                env.reset(seed=0)
+                env.step(actions.sample())
+            except (TypeError, ValueError, ArithmeticError) as exc:
+                raise EnvError(f"{kwargs_name} {kwargs} do not work with {env_id}: its first step fails "
+                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); fix or remove "
+                               f"{kwargs_name}") from None
     finally:
         env.close()
 

@@ -306,6 +306,7 @@ def bad_inputs(store):
     (["env.kwargs={max_episode_steps: -1}"], "Pendulum-v1 with env.kwargs {'max_episode_steps': -1} has no time "
                                              "limit, so an episode may never end"),
     (["env.kwargs={max_episode_steps: -5}"], "env.kwargs {'max_episode_steps': -5} do not work with Pendulum-v1"),
+    (["env.kwargs={g: abc}"], "env.kwargs {'g': 'abc'} do not work with Pendulum-v1: its first step fails ("),
     (["env.id=FrozenLake-v1"], "FrozenLake-v1 observes Discrete(16); the networks take a vector of numbers"),
     (["env.id=CarRacing-v3"], "CarRacing-v3 observes Box(0, 255, (96, 96, 3), uint8)"),
     (["env.id=Blackjack-v1"], "Blackjack-v1 observes Tuple(Discrete(32), Discrete(11), Discrete(2))"),
