@@ -393,8 +393,12 @@ def test_sac_baseline_critics_come_from_their_own_setting(workdir):
     assert own != plain_agent
 
 
-def test_same_seed_reproduces_the_same_numbers(workdir):
+def test_same_seed_reproduces_the_same_numbers(workdir, monkeypatch):
     first = Pipeline.from_yaml(None, tiny(workdir, "stages=[evaluate]", cache="a")).run()
+    with pytest.raises(ConfigError, match="is already in the local Minari store, and the dataset stage would write "
+                                          "over it: train on it with dataset.name=cqlsac/pendulum_v1/"):
+        Pipeline.from_yaml(None, tiny(workdir, "stages=[evaluate]", cache="b")).run()  # a fresh cache, the same store
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(workdir / "another-store"))
     second = Pipeline.from_yaml(None, tiny(workdir, "stages=[evaluate]", cache="b")).run()
     assert first["final_eval_return"] == second["final_eval_return"]
     assert first["offline_eval_return"] == second["offline_eval_return"]
