@@ -274,8 +274,9 @@ class Pipeline:
 
     # --- running ----------------------------------------------------------------------------
     def check(self, plan: list[str]) -> None:
-        """Fail before anything is written: an env that cannot be made, a named dataset that is not
-        local (its key needs its files), a folder that cannot be written."""
+        """Fail before anything is written: an env the agents cannot run (`check_env`), a named dataset
+        that is not local, does not fit the env or is truncated, a dataset the run would write over, a
+        folder that cannot be written."""
         check_env(self.cfg.env.id, self.cfg.env.kwargs)
         env = make_env(self.cfg.env.id, env_kwargs=self.cfg.env.kwargs)
         try:
