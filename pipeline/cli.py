@@ -104,6 +104,9 @@ def eval_command(args: argparse.Namespace) -> int:
         if bounds["ref_min_score"] is not None and bounds["ref_max_score"] is not None:
             result.update(dataset_id=dataset_id, **bounds,
                           normalized_score=normalized(mean_return, bounds["ref_min_score"], bounds["ref_max_score"]))
+        else:
+            print(f"cqlsac eval: dataset {dataset_id} has no reference scores, so no normalised score",
+                  file=sys.stderr)
     print(json.dumps(result))
     return 0
 

@@ -126,6 +126,9 @@ def test_weak_pretraining_finishes_with_unnormalised_scores_and_says_why(tmp_pat
     report = (run_dir / "report.md").read_text()
     assert "| normalised score | not computed: the dataset has no reference scores (expert " in report
     assert "returns -1500.000, random -1000.000: it does not beat random play)" in report
+    assert main(["eval", str(run_dir), "--episodes", "1"]) == 0  # no normalised score, and it says so
+    out, err = capsys.readouterr()
+    assert "normalized_score" not in json.loads(out) and err.endswith("has no reference scores, so no normalised score\n")
 
 
 def test_report_reads_as_a_report_and_eval_takes_the_run_directory(tmp_path, dataset_store, monkeypatch, capsys):
