@@ -18,6 +18,11 @@ class EnvError(UserError):
     """An env the pipeline cannot run: kwargs it refuses, spaces the networks do not take, no time limit."""
 
 
+def reason(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type where it has none."""
+    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def check_known(env_id: str) -> None:
     if env_id not in gym.registry:
         close = [name for name in gym.registry if env_id.split("-")[0].lower() in name.lower()][:5]
@@ -34,7 +39,9 @@ def check_env(env_id: str, env_kwargs: dict[str, Any] | None = None, kwargs_name
     try:
         env = gym.make(env_id, **kwargs)
     except (TypeError, ValueError, gym.error.Error) as exc:
-        raise EnvError(f"{kwargs_name} {kwargs} do not work with {env_id} ({str(exc).splitlines()[0]}); fix or "
+        if not kwargs:
+            raise EnvError(f"cannot make {env_id} ({reason(exc)})") from None
+        raise EnvError(f"{kwargs_name} {kwargs} do not work with {env_id} ({reason(exc)}); fix or "
                        f"remove {kwargs_name}") from None
     try:
         observations, actions = env.observation_space, env.action_space
@@ -52,8 +59,7 @@ def check_env(env_id: str, env_kwargs: dict[str, Any] | None = None, kwargs_name
                 env.step(actions.sample())
             except (TypeError, ValueError, ArithmeticError) as exc:
                 raise EnvError(f"{kwargs_name} {kwargs} do not work with {env_id}: its first step fails "
-                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); fix or remove "
-                               f"{kwargs_name}") from None
+                               f"({reason(exc)}); fix or remove {kwargs_name}") from None
     finally:
         env.close()
 

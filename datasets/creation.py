@@ -100,14 +100,10 @@ def mean_eval_return(env_id: str, env_kwargs: dict, policy: BehaviourPolicy, epi
 
 def _env_spec(env_id: str, env_kwargs: dict) -> EnvSpec:
     """The gymnasium spec with the env's kwargs (time limit included), as Minari stores it."""
-    try:
-        env = gym.make(env_id, **env_kwargs)
-    except (gym.error.Error, TypeError) as exc:
-        raise DatasetCreationError(f"cannot make env {env_id!r} with kwargs {env_kwargs}: {exc}; "
-                                   "check --env and --env-kwargs") from None
+    check_env(env_id, env_kwargs, "--env-kwargs")  # spaces the agents take, a time limit, kwargs that work
+    env = gym.make(env_id, **env_kwargs)
     spec = env.spec
     env.close()
-    check_env(env_id, env_kwargs, "--env-kwargs")  # spaces the agents take, and a time limit
     return spec
 
 

@@ -278,7 +278,8 @@ def check_spaces(info: DatasetInfo, env: EnvBase) -> None:
 
 
 def check_dataset_fits(dataset_id: str, env: EnvBase) -> None:
-    """`check_spaces` from the dataset's metadata alone, before any transition is read (or anything written)."""
+    """`check_spaces` from the dataset's metadata, and one episode read to find a truncated file, before
+    anything is written."""
     dataset = open_dataset(dataset_id)
     _check_fit(dataset_id, *_spaces(dataset), None if dataset.env_spec is None else dataset.env_spec.id, env)
     try:  # reading an episode opens the data file, which fails here if it is truncated

@@ -34,7 +34,7 @@ def validate_dataset_id(dataset_id: str) -> None:
         parse_dataset_id(dataset_id)
     except (ValueError, TypeError):
         raise DatasetError(f"malformed dataset id {dataset_id!r}: ids look like 'namespace/name-v0' (namespace "
-                           "optional, of two characters or more; letters, digits, - and _; version required)") from None
+                           "optional, of two characters or more; letters, digits, -, _ and /; version required)") from None
 
 
 def list_local_datasets() -> dict[str, dict]:

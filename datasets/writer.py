@@ -181,6 +181,9 @@ def write_dataset(dataset_id: str, episodes: Sequence[Episode], env: str | EnvSp
                 dataset.storage.update_metadata({"cqlsac": extra_metadata})
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
+            if not overwrite:  # another writer put it there while this one collected
+                raise DatasetError(f"dataset {dataset_id!r} appeared at {final} while this one was written; "
+                                   "nothing was replaced: choose another id")
             os.rename(final, tmp_root / ".replaced")  # ids never start with a dot
         os.rename(tmp_root / dataset_id, final)
     finally:

@@ -556,8 +556,10 @@ def refuse_bools(cls: type, data: dict, where: tuple[str, ...] = ()) -> None:
         section = next((kind for kind in kinds if dataclasses.is_dataclass(kind)), None)
         if section is not None and isinstance(value, dict):
             refuse_bools(section, value, (*where, key))
-        elif isinstance(value, bool) and bool not in kinds and (int in kinds or float in kinds):
-            raise ConfigError(f"{'.'.join((*where, key))} must be a number, got {str(value).lower()}")
+        elif bool not in kinds and any(isinstance(v, bool) for v in (value if isinstance(value, list) else [value])):
+            if any(kind in (int, float) or typing.get_origin(kind) in (list, tuple) for kind in kinds):
+                what = "a list of numbers" if isinstance(value, list) else "a number"
+                raise ConfigError(f"{'.'.join((*where, key))} must be {what}, got {json.dumps(value)}")
 
 
 def over_defaults(default: Any, data: dict) -> dict:

@@ -33,7 +33,7 @@ def positive_int(text: str) -> int:
 
 
 def seed_int(text: str) -> int:
-    """An argparse type for env seeds: gymnasium refuses negative ones, torch's generator ones past 64 bits."""
+    """An argparse type for env seeds, in the range a config's seeds take (gymnasium refuses negative ones)."""
     try:
         value = int(text)
     except ValueError:

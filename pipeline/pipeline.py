@@ -44,7 +44,6 @@ from cqlsac.pipeline.stages import (
     STAGE_NAMES,
     Stage,
     check_dataset_target,
-    generated_dataset_id,
     run_offline_together,
     stage_table,
 )
@@ -289,8 +288,9 @@ class Pipeline:
             self.stage_key(name)
         # A dataset stage that will run must not write over a local dataset. Where its folder exists,
         # another run may be writing it now; the stage checks again under its lock.
-        if "dataset" in plan and self.cfg.dataset.name is None and not self.stage_dir("dataset").exists():
-            check_dataset_target(generated_dataset_id(self.cfg, self.stage_key("dataset")))
+        save_as = self.cfg.dataset.save_as
+        if "dataset" in plan and save_as is not None and not self.stage_dir("dataset").exists():
+            check_dataset_target(save_as)
         ensure_writable(Path(self.cfg.cache_dir), "cache_dir")
 
     def run(self, stages=None) -> dict:

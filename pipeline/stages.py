@@ -150,8 +150,7 @@ def run_dataset(ctx: StageContext) -> dict:
     gives a dataset without normalisation bounds.
     """
     cfg, dcfg, pretrain = ctx.cfg, ctx.cfg.dataset, ctx.inputs["pretrain"]
-    dataset_id = generated_dataset_id(cfg, ctx.key)
-    check_dataset_target(dataset_id)  # again, under the stage's lock: another run may have written it since
+    dataset_id = dataset_target(cfg, ctx.key)  # under the stage's lock, so no run of this stage writes it meanwhile
     checkpoints = pretrain["checkpoints"]
     expert = max(checkpoints, key=lambda c: c["return"])
     medium = pick_medium(checkpoints, pretrain["random_return"], expert["return"], dcfg.medium_level,
@@ -175,14 +174,23 @@ def use_named_dataset(ctx: StageContext) -> dict:
     return describe_dataset(ctx.cfg.dataset.name)
 
 
-def generated_dataset_id(cfg: PipelineConfig, key: str) -> str:
-    """The id the dataset stage writes to: `dataset.save_as`, else one named by the env, preset and stage key."""
+def dataset_target(cfg: PipelineConfig, key: str) -> str:
+    """The id the dataset stage writes to, never one the local store holds: `dataset.save_as` (refused if
+    taken), else `cqlsac/<env>/<preset>_<key>-v0`, or the next free version where the same config made
+    one before (with a cache since cleared: the data it held then may differ from what a run makes now)."""
+    if cfg.dataset.save_as is not None:
+        check_dataset_target(cfg.dataset.save_as)
+        return cfg.dataset.save_as
     env_slug = cfg.env.id.lower().replace("-", "_")
-    return cfg.dataset.save_as or f"cqlsac/{env_slug}/{cfg.dataset.preset}_{key[:8]}-v0"
+    version = 0
+    while is_local(f"cqlsac/{env_slug}/{cfg.dataset.preset}_{key[:8]}-v{version}"):
+        version += 1
+    return f"cqlsac/{env_slug}/{cfg.dataset.preset}_{key[:8]}-v{version}"
 
 
 def check_dataset_target(dataset_id: str) -> None:
-    """A malformed id, or one the local store holds already (no dataset is ever written over), is a `ConfigError`."""
+    """An id the local store holds already (no dataset is ever written over) is a `ConfigError`; a
+    malformed one a `DatasetError`."""
     if is_local(dataset_id):
         raise ConfigError(f"dataset {dataset_id} is already in the local Minari store, and the dataset stage would "
                           f"write over it: train on it with dataset.name={dataset_id}, set another dataset.save_as, "

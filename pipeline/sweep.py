@@ -231,7 +231,7 @@ class Sweep:
         (key: [values]) or `settings` (name: {key: value, ...}), `overrides` (key: value), and the
         `title` and `description` of its report."""
         if not Path(path).is_file():
-            raise ConfigError(f"sweep file {path} does not exist (the sweep files of the experiments are in "
+            raise ConfigError(f"sweep file {path} is not a file (the sweep files of the experiments are in "
                               "experiments/sweeps/)")
         data = read_yaml(Path(path), "sweep file")
         valid = {"config", "seeds", "axes", "settings", "overrides", "title", "description"}
@@ -288,6 +288,7 @@ class Sweep:
         if (sweep_dir / SWEEP_FILE).exists():
             raise ConfigError(f"{sweep_dir} already carries on this record: resume it with --resume {sweep_dir}")
         check_same_data(recorded["runs"])
+        cls(**sweep, sweep_dir=str(sweep_dir), **execution)  # every option and run config checked before the copy
         sweep_dir.mkdir(parents=True, exist_ok=True)
         atomic_json(sweep_dir / SWEEP_FILE, recorded)
         return cls(**sweep, sweep_dir=str(sweep_dir), **execution)
@@ -344,13 +345,19 @@ class Sweep:
 
         ensure_writable(Path(self.cache_dir), "cache_dir")  # before anything is written, as for a run
         ensure_writable(Path(self.sweep_dir), "output_dir")
-        backend = LocalBackend(self.workers) if self.backend == "local" else RayBackend(self.threads, self.address)
-        started = time.time()
-        todo = [run for run in self.runs if run.status != "finished"]
-        self.save(started, None)
-        tasks = {id(run): self.task(run) for run in todo}
-        if self.vectorise_offline:
-            self.offline_together(todo, tasks)
+        ray = RayBackend(self.threads, self.address) if self.backend == "ray" else None  # connected before any write
+        try:
+            started = time.time()
+            todo = [run for run in self.runs if run.status != "finished"]
+            self.save(started, None)
+            tasks = {id(run): self.task(run) for run in todo}
+            if self.vectorise_offline:
+                self.offline_together(todo, tasks)
+        except BaseException:
+            if ray is not None:
+                ray.close()
+            raise
+        backend = ray or LocalBackend(self.workers)  # `schedule` closes it
         with tqdm(total=len(self.runs), initial=len(self.runs) - len(todo), desc="sweep", unit="run") as bar:
             try:
                 for run, result in schedule(todo, tasks, self.workers, backend):

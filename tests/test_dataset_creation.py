@@ -18,7 +18,7 @@ from torchrl.envs import ExplorationType, set_exploration_type
 from cqlsac.components.checkpoints import save_policy
 from cqlsac.components.collector import make_collector
 from cqlsac.components.config import NetworkConfig
-from cqlsac.components.envs import EnvError, make_env
+from cqlsac.components.envs import EnvError, UnknownEnvError, make_env
 from cqlsac.components.networks import make_actor
 from cqlsac.datasets import DatasetError, dataset_content_digest, load_transitions
 from cqlsac.datasets import creation as dataset_creation
@@ -187,15 +187,17 @@ def test_creation_mistakes_are_caught_before_collecting(dataset_store, checkpoin
         (dict(policies=[medium], env_id="MountainCarContinuous-v0"), DatasetCreationError,
          "checkpoint(s) trained on ['Pendulum-v1'] cannot act in 'MountainCarContinuous-v0'"),
         (dict(policies=["random"]), DatasetCreationError, "no env to collect in: pass --env ENV"),
-        (dict(policies=["random"], env_id="Nope-v0"), DatasetCreationError, "cannot make env 'Nope-v0'"),
+        (dict(policies=["random"], env_id="Nope-v0"), UnknownEnvError, "gymnasium does not know the env id 'Nope-v0'"),
         (dict(policies=["random"], env_id=PENDULUM, preset="medium-replay"), DatasetCreationError,
          "medium-replay datasets come from a training run's replay buffer"),
-        (dict(policies=["random"], env_id=PENDULUM, env_kwargs={"bogus": 1}), DatasetCreationError,
-         "cannot make env 'Pendulum-v1' with kwargs {'bogus': 1}"),
+        (dict(policies=["random"], env_id=PENDULUM, env_kwargs={"bogus": 1}), EnvError,
+         "--env-kwargs {'bogus': 1} do not work with Pendulum-v1"),
         # Its reference episodes would never end.
         (dict(policies=["random"], env_id=PENDULUM, env_kwargs={"max_episode_steps": -1}), EnvError,
          "Pendulum-v1 with --env-kwargs {'max_episode_steps': -1} has no time limit"),
         (dict(policies=["random"], env_id="FrozenLake-v1"), EnvError, "FrozenLake-v1 observes Discrete(16)"),
+        (dict(policies=["random"], env_id=PENDULUM, env_kwargs={"max_episode_steps": -5}), EnvError,
+         "--env-kwargs {'max_episode_steps': -5} do not work with Pendulum-v1"),
     ]
     for kwargs, error, message in create_cases:
         with pytest.raises(error) as err:

@@ -14,6 +14,7 @@ from tensordict import TensorDict
 from torchrl.data import LazyTensorStorage, ReplayBuffer
 
 from cqlsac.components.replay import EpisodeAccumulator, MixedReplay
+from cqlsac.datasets import dataset_content_digest
 from cqlsac.datasets.creation import create_dataset
 from cqlsac.pipeline import stages, supervision
 from cqlsac.pipeline.cache import ConfigView, UndeclaredConfigRead, read_values, stage_lock
@@ -91,6 +92,7 @@ def test_yaml_round_trip_and_overrides(tmp_path):
     ("offline.loss.gamma=.nan", "offline.loss.gamma must be a finite number, got nan"),
     ("offline.updates=true", "offline.updates must be a number, got true"),  # not silently 1
     ("finetune.cql_weight=false", "finetune.cql_weight must be a number, got false"),
+    ("network.actor_hidden=[true,64]", "network.actor_hidden must be a list of numbers, got [true, 64]"),
     ("seed=-1", "seed must be in [0, 2**31), got -1"),
     ("seed=2147483648", "seed must be in [0, 2**31), got 2147483648"),
     ("evaluate.seed=-1", "evaluate.seed must be in [0, 2**31), got -1"),
@@ -393,12 +395,12 @@ def test_sac_baseline_critics_come_from_their_own_setting(workdir):
     assert own != plain_agent
 
 
-def test_same_seed_reproduces_the_same_numbers(workdir, monkeypatch):
+def test_same_seed_reproduces_the_same_numbers(workdir):
     first = Pipeline.from_yaml(None, tiny(workdir, "stages=[evaluate]", cache="a")).run()
-    with pytest.raises(ConfigError, match="is already in the local Minari store, and the dataset stage would write "
-                                          "over it: train on it with dataset.name=cqlsac/pendulum_v1/"):
-        Pipeline.from_yaml(None, tiny(workdir, "stages=[evaluate]", cache="b")).run()  # a fresh cache, the same store
-    monkeypatch.setenv("MINARI_DATASETS_PATH", str(workdir / "another-store"))
+    before = dataset_content_digest(first["dataset_id"])
     second = Pipeline.from_yaml(None, tiny(workdir, "stages=[evaluate]", cache="b")).run()
+    # A fresh cache makes the dataset again, under the next version: the first run's is not written over.
+    assert second["dataset_id"] == first["dataset_id"].replace("-v0", "-v1")
+    assert dataset_content_digest(first["dataset_id"]) == before == dataset_content_digest(second["dataset_id"])
     assert first["final_eval_return"] == second["final_eval_return"]
     assert first["offline_eval_return"] == second["offline_eval_return"]

@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from minari.storage.datasets_root_dir import get_dataset_path
 from tensordict import TensorDict
 
 from cqlsac.components import update as update_module
@@ -20,11 +21,11 @@ from cqlsac.components.checkpoints import atomic_torch_save, default_file_mode, 
 from cqlsac.components.envs import make_env
 from cqlsac.components.replay import OnlineReplay
 from cqlsac.components.update import make_agent
-from cqlsac.datasets import Episode, dataset_content_digest, load_transitions, write_dataset
+from cqlsac.datasets import DatasetError, Episode, dataset_content_digest, load_transitions, write_dataset, writer
 from cqlsac.datasets.creation import create_dataset
 from cqlsac.pipeline import stages, supervision
 from cqlsac.pipeline.cli import main
-from cqlsac.pipeline.config import ConfigError
+from cqlsac.pipeline.config import ConfigError, PipelineConfig
 from cqlsac.pipeline.pipeline import MetricsLog, Pipeline
 
 DATASET = "test/pendulum-random-v0"
@@ -325,10 +326,17 @@ def test_bad_run_input_is_one_line_with_status_2(bad_inputs, capsys, args, messa
     assert not [path for path in (bad_inputs / name).rglob("*") if path.is_file()]  # nothing written
 
 
-def test_no_dataset_is_written_over(bad_inputs):
+def test_no_dataset_is_written_over(bad_inputs, monkeypatch):
     before = dataset_content_digest("test/car-v0")
-    with pytest.raises(ConfigError, match="already in the local Minari store"):
-        stages.check_dataset_target("test/car-v0")
+    cfg = PipelineConfig.from_yaml(None, ["dataset.save_as=test/car-v0"])
+    with pytest.raises(ConfigError, match="already in the local Minari store"):  # the stage's check, under its lock
+        stages.dataset_target(cfg, "0" * 12)
+    # A writer that found the id free before collecting, and taken when it moves its data into place.
+    monkeypatch.setattr(writer, "check_writable", lambda dataset_id, overwrite=False: get_dataset_path(dataset_id))
+    episode = Episode(observations=np.ones((3, 2), np.float32), actions=np.ones((2, 1), np.float32),
+                      rewards=np.ones(2), terminations=np.array([False, True]), truncations=np.zeros(2, bool))
+    with pytest.raises(DatasetError, match="appeared at .* while this one was written; nothing was replaced"):
+        write_dataset("test/car-v0", [episode], "MountainCarContinuous-v0", algorithm_name="test", description="t")
     assert dataset_content_digest("test/car-v0") == before
 
 

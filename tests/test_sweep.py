@@ -91,7 +91,7 @@ def test_a_bad_sweep_file_is_one_line_before_anything_is_written(tmp_path, capsy
     assert err.startswith(f"cqlsac sweep: error: sweep file {spec}") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "runs").exists()
     assert main(["sweep", "--spec", str(tmp_path / "nope.yaml")]) == 2
-    assert f"sweep file {tmp_path / 'nope.yaml'} does not exist" in capsys.readouterr().err
+    assert f"sweep file {tmp_path / 'nope.yaml'} is not a file" in capsys.readouterr().err
 
 
 def test_a_damaged_record_is_one_line_and_nothing_is_written(tmp_path, capsys):
