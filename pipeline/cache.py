@@ -73,15 +73,16 @@ def read_values(config: Any, reads: tuple[str, ...]) -> dict[str, Any]:
     return values
 
 
-def ensure_writable(folder: Path, key: str) -> None:
-    """Create `folder` and write a probe file in it, so an unusable `key` fails before any training."""
+def ensure_writable(folder: Path, key: str, fix: str | None = None) -> None:
+    """Create `folder` and write a probe file in it, so an unusable `key` fails before any training.
+    The error names `fix`, by default setting `key` to another folder."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
         raise ConfigError(f"{key}: cannot write to {folder} ({exc.strerror or exc}); "
-                          f"set {key}=DIR to a writable folder") from None
+                          f"{fix or f'set {key}=DIR to a writable folder'}") from None
 
 
 @contextmanager

@@ -37,9 +37,14 @@ class ConfigError(UserError):
 SEED_LIMIT = 2**31  # a seed below it fits every RNG a stage seeds (torch's, numpy's, gymnasium's), offsets added
 
 
+def seed_out_of_range(value: int) -> str | None:
+    """What is wrong with `value` as a seed, or None: one rule for config keys and command-line options."""
+    return None if 0 <= value < SEED_LIMIT else f"must be in [0, 2**31), got {value}"
+
+
 def check_seed(value: int, key: str) -> None:
-    if not 0 <= value < SEED_LIMIT:
-        raise ConfigError(f"{key} must be in [0, 2**31), got {value}")
+    if problem := seed_out_of_range(value):
+        raise ConfigError(f"{key} {problem}")
 
 
 def check_numbers(config, section: str, positive=(), non_negative=()) -> None:
@@ -169,6 +174,19 @@ class DatasetConfig:
         check_numbers(self, "dataset", positive=("steps",))
         if not 0.0 <= self.medium_level <= 1.0:
             raise ConfigError(f"dataset.medium_level must be in [0, 1], got {self.medium_level}")
+        for key in ("name", "save_as"):
+            if getattr(self, key) is not None:
+                check_dataset_id(getattr(self, key), f"dataset.{key}")
+
+
+def check_dataset_id(dataset_id: str, key: str) -> None:
+    """An id Minari cannot store fails when the config is read, not when a stage reaches it."""
+    from cqlsac.datasets.store import DatasetError, validate_dataset_id  # minari: only where an id is given
+
+    try:
+        validate_dataset_id(dataset_id)
+    except DatasetError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 @dataclass

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cqlsac.components.errors import UserError
 from cqlsac.datasets.presets import PRESETS
+from cqlsac.pipeline.config import seed_out_of_range
 
 
 def _json_object(text: str) -> dict:
@@ -38,8 +39,8 @@ def seed_int(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 0 <= value < 2**31:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**31), got {value}")
+    if problem := seed_out_of_range(value):
+        raise argparse.ArgumentTypeError(problem)
     return value
 
 
@@ -49,7 +50,7 @@ def add_datasets_parser(subparsers) -> argparse.ArgumentParser:
                                    description="Offline datasets in the local Minari store "
                                                "(MINARI_DATASETS_PATH, default ~/.minari/datasets).")
     commands = parser.add_subparsers(dest="datasets_command", required=True, metavar="{list,show,create}")
-    commands.add_parser("list", help="the datasets in the local Minari store")
+    listing = commands.add_parser("list", help="the datasets in the local Minari store")
     show = commands.add_parser("show", help="spaces, size, episodes, mean return and score bounds of a dataset")
     show.add_argument("dataset_id", metavar="ID")
     create = commands.add_parser("create", help="collect with a policy and write a Minari dataset",
@@ -71,7 +72,9 @@ def add_datasets_parser(subparsers) -> argparse.ArgumentParser:
     create.add_argument("--ref-episodes", type=positive_int, default=10, help="episodes per reference score (default 10)")
     create.add_argument("--seed", type=seed_int, default=0)
     create.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
-    parser.set_defaults(parser=parser, handler=run_datasets_command)
+    parser.set_defaults(handler=run_datasets_command)
+    for command in (listing, show, create):  # an unknown option shows the sub-command's own usage
+        command.set_defaults(parser=command)
     return parser
 
 

@@ -302,7 +302,8 @@ class Pipeline:
         keep_freed_memory()  # process-wide: faster CQL updates (opt out: CQLSAC_MALLOC_TUNING=0)
         plan = self.plan(stages)
         self.check(plan)
-        ensure_writable(self.run_dir, "output_dir")
+        ensure_writable(self.run_dir, "--resume" if self.resume else "output_dir",
+                        "a resumed run writes into its own folder: make it writable" if self.resume else None)
         atomic_write(self.run_dir / "config.yaml", self.cfg.to_yaml())
         print(f"run directory: {self.run_dir}")
         self.prepare(plan)

@@ -289,7 +289,8 @@ class Sweep:
             raise ConfigError(f"{sweep_dir} already carries on this record: resume it with --resume {sweep_dir}")
         check_same_data(recorded["runs"])
         cls(**sweep, sweep_dir=str(sweep_dir), **execution)  # every option and run config checked before the copy
-        sweep_dir.mkdir(parents=True, exist_ok=True)
+        ensure_writable(sweep_dir, "--resume", f"a kept record carries on under its config's output_dir "
+                                               f"({output_dir}): run from a folder where that is writable")
         atomic_json(sweep_dir / SWEEP_FILE, recorded)
         return cls(**sweep, sweep_dir=str(sweep_dir), **execution)
 
@@ -314,10 +315,12 @@ class Sweep:
                 {key: recorded.get(key) for key in ("command", "started", "wall_seconds")}]
             for session in self.earlier_sessions:  # records from before sessions named their machine
                 session.setdefault("machine", recorded.get("machine"))
-        runs = []
+        runs, writers = [], {}
         for index, setting in enumerate(self.settings()):
             for seed in self.seeds:
-                optim = self.run_config(setting, seed).offline.optim  # every config is valid before any run starts
+                cfg = self.run_config(setting, seed)  # every config is valid before any run starts
+                self.check_dataset_target(cfg, f"[{self.label(index)} | seed {seed}]", writers)
+                optim = cfg.offline.optim
                 if self.vectorise_offline and (optim.actor_every != 1 or optim.critic_grad_clip is not None):
                     raise ConfigError("--vectorise-offline updates every parameter at every step, without gradient "
                                       "clipping: it needs offline.optim.actor_every=1 and no "
@@ -327,6 +330,24 @@ class Sweep:
                 finished = done is not None and done["status"] == "finished" and done.get("summary") is not None
                 runs.append(SweepRun(**done) if finished else SweepRun(index, seed, setting, str(run_dir)))
         return runs
+
+    @staticmethod
+    def check_dataset_target(cfg: PipelineConfig, run: str, writers: dict[str, tuple[str, str]]) -> None:
+        """Two runs that would write different datasets under one `dataset.save_as` are refused before
+        any run starts (else the second stops at its dataset stage, after its pretraining).
+        `writers` maps each id to the first run writing it and that run's dataset stage key."""
+        if cfg.dataset.save_as is None:
+            return
+        from cqlsac.pipeline.pipeline import Pipeline  # torch: only for sweeps that name their dataset
+
+        pipe = Pipeline(cfg)
+        if "dataset" not in pipe.plan():
+            return
+        first, key = writers.setdefault(cfg.dataset.save_as, (run, pipe.stage_key("dataset")))
+        if key != pipe.stage_key("dataset"):
+            raise ConfigError(f"dataset.save_as={cfg.dataset.save_as}: runs {first} and {run} would write different "
+                              "datasets under this one id; drop dataset.save_as (each run then names its own), or "
+                              "make the dataset once and sweep on it with dataset.name")
 
     def run_overrides(self, setting: dict[str, str], seed: int) -> list[str]:
         """The run's overrides: the fixed ones, its setting, its seed and the cache as an absolute path."""
@@ -344,7 +365,9 @@ class Sweep:
         from tqdm.auto import tqdm
 
         ensure_writable(Path(self.cache_dir), "cache_dir")  # before anything is written, as for a run
-        ensure_writable(Path(self.sweep_dir), "output_dir")
+        resumed = bool(self.earlier_sessions)
+        ensure_writable(Path(self.sweep_dir), "--resume" if resumed else "output_dir",
+                        "a resumed sweep writes into its own folder: make it writable" if resumed else None)
         ray = RayBackend(self.threads, self.address) if self.backend == "ray" else None  # connected before any write
         try:
             started = time.time()

@@ -314,7 +314,9 @@ def bad_inputs(store):
     # A dataset the stage would write over, or could not write at all, is refused before pretraining.
     (["dataset.name=null", "dataset.save_as=test/car-v0", "stages=[dataset]"],
      "dataset test/car-v0 is already in the local Minari store, and the dataset stage would write over it"),
-    (["dataset.name=null", "dataset.save_as=x/y-v0", "stages=[dataset]"], "malformed dataset id 'x/y-v0'"),
+    (["dataset.name=null", "dataset.save_as=x/y-v0", "stages=[dataset]"],
+     "dataset.save_as: malformed dataset id 'x/y-v0'"),
+    (["dataset.name=no id"], "dataset.name: malformed dataset id 'no id'"),
 ])
 def test_bad_run_input_is_one_line_with_status_2(bad_inputs, capsys, args, message):
     args = [arg.replace("{root}", str(bad_inputs)) for arg in args]
@@ -408,3 +410,15 @@ def test_a_checkpoint_chunk_holds_its_own_rows_not_the_whole_buffer(tmp_path):
     (chunk, last) = sorted(tmp_path.glob("*.rows-*"))[0], record.state_dict(tmp_path / "s.state.pt")["chunks"][-1]
     assert (tmp_path / last).stat().st_size < 10_000  # 10 rows of 8 floats, not the buffer's 100,000 rows
     assert chunk.stat().st_size < 50_000 * 8 * 4 * 1.2
+
+
+@pytest.mark.parametrize("argv", [["run", "--bogus"], ["sweep", "--bogus"], ["report", "x", "--bogus"],
+                                  ["config", "--bogus"], ["eval", "x", "--bogus"], ["datasets", "list", "--bogus"],
+                                  ["datasets", "show", "a/b-v0", "--bogus"], ["datasets", "create", "a/b-v0", "--bogus"]])
+def test_an_unknown_option_shows_its_own_commands_usage(capsys, argv):
+    command = " ".join(argv[: 2 if argv[0] == "datasets" else 1])
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith(f"usage: cqlsac {command} "), err
+    assert err.endswith(f"cqlsac {command}: error: unrecognized arguments: --bogus\n"), err

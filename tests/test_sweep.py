@@ -62,6 +62,10 @@ def test_the_runs_are_the_product_of_the_axes_setting_by_setting(tmp_path):
     (["--seeds", "-1"], "seed must be in [0, 2**31), got -1"),
     (["--address", "127.0.0.1:1"], "--address names a Ray cluster: use it with --backend ray"),
     (["cache_dir=/proc/no-such-folder"], "cache_dir: cannot write to /proc/no-such-folder"),
+    (["dataset.save_as=te/st-v0x"], "dataset.save_as: malformed dataset id 'te/st-v0x'"),
+    # Two seeds pretrain two behaviour policies: their datasets cannot share one id.
+    (["--seeds", "0-1", "dataset.save_as=test/one-v0"], "dataset.save_as=test/one-v0: runs [base config | seed 0] "
+                                                         "and [base config | seed 1] would write different datasets"),
 ])
 def test_a_bad_sweep_fails_before_any_run(tmp_path, capsys, assignments, message):
     given = {item.split("=")[0] for item in assignments}
@@ -69,6 +73,11 @@ def test_a_bad_sweep_fails_before_any_run(tmp_path, capsys, assignments, message
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_runs_that_share_one_dataset_stage_may_name_its_dataset(tmp_path):
+    sweep = Sweep.from_args(None, "0", ["offline.loss.cql_weight=1,5", "dataset.save_as=test/one-v0", *folders(tmp_path)])
+    assert [run.overrides for run in sweep.runs] == [{"offline.loss.cql_weight": "1"}, {"offline.loss.cql_weight": "5"}]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -118,6 +127,19 @@ def test_a_damaged_record_is_one_line_and_nothing_is_written(tmp_path, capsys):
     assert "is neither a sweep directory (no sweep.json in it) nor a sweep record" in capsys.readouterr().err
     assert main(["report", str(sweep_dir), "--results", str(tmp_path)]) == 2
     assert f"--results {tmp_path}: not a file that can be written" in capsys.readouterr().err
+
+
+def test_a_kept_record_that_cannot_be_carried_on_where_it_goes_is_one_line(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    record = tmp_path / "20261203-000000-abcdef.json"
+    record.write_text(json.dumps({"spec": {"config": None, "seeds": [0], "axes": {}, "overrides": [
+        f"output_dir={tmp_path / 'a-file' / 'runs'}", f"cache_dir={tmp_path / 'cache'}"]}, "runs": [],
+        "machine": {}, "wall_seconds": 1.0}))
+    assert main(["sweep", "--resume", str(record)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cqlsac sweep: error: --resume: cannot write to {tmp_path}/a-file/runs/sweeps/"
+                          "20261203-000000-abcdef (") and "a kept record carries on under its config's output_dir" \
+        in err and err.count("\n") == 1, err
 
 
 def test_a_sweep_from_a_yaml_file(tmp_path):
