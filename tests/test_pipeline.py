@@ -122,8 +122,8 @@ def test_unknown_stages_are_a_config_error():
 
 def test_pretraining_with_a_named_dataset_is_a_config_error_not_a_run_of_nothing():
     with pytest.raises(ConfigError, match="stages: pretrain trains the policies that record a dataset, and "
-                                          "dataset.name=a/bb-v0 names the dataset to use instead"):
-        PipelineConfig.from_yaml(None, ["dataset.name=a/bb-v0", "stages=[pretrain]"])
+                                          "dataset.name=ab/cd-v0 names the dataset to use instead"):
+        PipelineConfig.from_yaml(None, ["dataset.name=ab/cd-v0", "stages=[pretrain]"])
 
 
 def test_named_dataset_replaces_pretrain_and_dataset_stages():
