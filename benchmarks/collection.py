@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import time
 import types
 from functools import partial
@@ -46,7 +45,7 @@ from functools import partial
 import gymnasium as gym
 import numpy as np
 import torch
-from cql_update import cpu_model, interleaved_rates, load_note
+from cql_update import cpu_model, interleaved_rates, load_note, usable_cores
 from tensordict.nn import ProbabilisticTensorDictSequential
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
@@ -159,7 +158,7 @@ def row(name, value, unit, ratio=""):
 
 def main(argv=None):
     args = parse_args(argv)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     torch.set_num_threads(args.threads or cores)
     torch.manual_seed(0)
     print(f"torch {torch.__version__} | gymnasium {gym.__version__} | threads {torch.get_num_threads()} of {cores} cores "

@@ -607,6 +607,11 @@ def run_pipeline_sizes(args, device, sync, cores) -> None:
     print(f"fraction_of_sgemm_limit: {fraction:.3f}")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity), which a shared machine may narrow."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def load_note(cores) -> str:
     """The 1-minute load average: other processes on a shared machine slow every measurement."""
     load = os.getloadavg()[0]
@@ -665,7 +670,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     sync = make_sync(device)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     torch.set_num_threads(args.threads or cores)
     torch.manual_seed(0)
     print(f"torch {torch.__version__} | threads {torch.get_num_threads()} of {cores} cores | CPU {cpu_model()} | "

@@ -23,7 +23,6 @@ All three draw the same noise, and skipped and dropped step the same parameters 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch
 from torchrl.data import Bounded, Unbounded
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cql_update import interleaved_rates, load_note, make_sync, synthetic_buffer  # noqa: E402
+from cql_update import interleaved_rates, load_note, make_sync, synthetic_buffer, usable_cores  # noqa: E402
 
 from cqlsac.components.config import LossConfig, NetworkConfig, OptimConfig  # noqa: E402
 from cqlsac.components.cql_loss import CQLSACLoss  # noqa: E402
@@ -78,7 +77,7 @@ def dropped_actor_step(loss: CQLSACLoss, optimizer: torch.optim.Optimizer, batch
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     torch.set_num_threads(args.threads or cores)
     torch.manual_seed(0)
     print(f"torch {torch.__version__} | threads {torch.get_num_threads()} of {cores} cores | batch {args.batch}, "

@@ -36,13 +36,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import time
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from cql_update import cpu_model, interleaved_rates, load_note
+from cql_update import cpu_model, interleaved_rates, load_note, usable_cores
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 from torch import nn
@@ -228,7 +227,7 @@ def row(name, value, unit=""):
 
 def main(argv=None):
     args = parse_args(argv)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     torch.set_num_threads(args.threads or cores)
     torch.manual_seed(0)
     keep_freed_memory()

@@ -22,11 +22,10 @@ docs/performance.md for why.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
-from cql_update import cpu_model, load_note
+from cql_update import cpu_model, load_note, usable_cores
 from tensordict import TensorDict
 from torch import nn
 from torch.func import functional_call, grad, vmap
@@ -172,7 +171,7 @@ def main() -> None:
                            (f"{k} seeds vectorised, eager", eager),
                            (f"{k} seeds vectorised, compiled ({compile_seconds:.0f} s to compile)", compiled)):
         print(f"| {label} | {seconds * 1e3:.1f} | {seconds / one:.2f} |")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     print(f"torch {torch.__version__} | CPU {cpu_model()} | {load_note(cores)}")
     print(f"vectorised_over_one_seed: {best / one:.3f}")
     print(f"speedup_over_sequential: {sequential / best:.3f}")

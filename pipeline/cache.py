@@ -85,6 +85,15 @@ def ensure_writable(folder: Path, key: str, fix: str | None = None) -> None:
                           f"{fix or f'set {key}=DIR to a writable folder'}") from None
 
 
+def ensure_output_writable(folder: Path, resumed: bool, what: str) -> None:
+    """The folder a run or sweep (`what`) writes: a new one's is under `output_dir`; a resumed one
+    writes into its own, which `--resume` names and no override moves."""
+    if resumed:
+        ensure_writable(folder, "--resume", f"a resumed {what} writes into its own folder: make it writable")
+    else:
+        ensure_writable(folder, "output_dir")
+
+
 @contextmanager
 def stage_lock(folder: Path, name: str) -> Iterator[None]:
     """Hold the lock of one stage folder: two runs that need the same stage do not write it at once;

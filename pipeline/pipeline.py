@@ -32,6 +32,7 @@ from cqlsac.datasets import check_dataset_fits, check_spaces, load_offline_repla
 from cqlsac.pipeline import report
 from cqlsac.pipeline.cache import (
     ConfigView,
+    ensure_output_writable,
     ensure_writable,
     finish,
     finished_outputs,
@@ -302,8 +303,7 @@ class Pipeline:
         keep_freed_memory()  # process-wide: faster CQL updates (opt out: CQLSAC_MALLOC_TUNING=0)
         plan = self.plan(stages)
         self.check(plan)
-        ensure_writable(self.run_dir, "--resume" if self.resume else "output_dir",
-                        "a resumed run writes into its own folder: make it writable" if self.resume else None)
+        ensure_output_writable(self.run_dir, self.resume, "run")
         atomic_write(self.run_dir / "config.yaml", self.cfg.to_yaml())
         print(f"run directory: {self.run_dir}")
         self.prepare(plan)

@@ -31,7 +31,7 @@ import yaml
 
 from cqlsac.components.checkpoints import atomic_json
 from cqlsac.components.errors import UserError
-from cqlsac.pipeline.cache import ensure_writable
+from cqlsac.pipeline.cache import ensure_output_writable, ensure_writable
 from cqlsac.pipeline.config import ConfigError, PipelineConfig, config_hash, read_yaml
 
 SWEEP_FILE = "sweep.json"
@@ -343,8 +343,9 @@ class Sweep:
         pipe = Pipeline(cfg)
         if "dataset" not in pipe.plan():
             return
-        first, key = writers.setdefault(cfg.dataset.save_as, (run, pipe.stage_key("dataset")))
-        if key != pipe.stage_key("dataset"):
+        key = pipe.stage_key("dataset")
+        first, first_key = writers.setdefault(cfg.dataset.save_as, (run, key))
+        if key != first_key:
             raise ConfigError(f"dataset.save_as={cfg.dataset.save_as}: runs {first} and {run} would write different "
                               "datasets under this one id; drop dataset.save_as (each run then names its own), or "
                               "make the dataset once and sweep on it with dataset.name")
@@ -365,9 +366,7 @@ class Sweep:
         from tqdm.auto import tqdm
 
         ensure_writable(Path(self.cache_dir), "cache_dir")  # before anything is written, as for a run
-        resumed = bool(self.earlier_sessions)
-        ensure_writable(Path(self.sweep_dir), "--resume" if resumed else "output_dir",
-                        "a resumed sweep writes into its own folder: make it writable" if resumed else None)
+        ensure_output_writable(Path(self.sweep_dir), bool(self.earlier_sessions), "sweep")
         ray = RayBackend(self.threads, self.address) if self.backend == "ray" else None  # connected before any write
         try:
             started = time.time()
