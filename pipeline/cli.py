@@ -1,4 +1,4 @@
-"""The `cqlsac` command line: `run`, `config`, `eval` and `datasets`.
+"""The `cqlsac` command line: `run`, `config`, `eval`, `datasets`, `sweep` and `report`.
 
 Heavy libraries (torch, torchrl, minari) are imported inside the commands that use them, so
 `cqlsac --help` and `cqlsac config` answer at once.

@@ -162,8 +162,9 @@ class DatasetConfig:
     reference_scores: bool = True
     """Score the dataset against the best pretrained policy (D4RL normalisation: 0 = random,
     100 = expert). When that policy does not beat random play, the dataset gets no scores and the
-    run says so. False: the dataset's own behaviour policy is the 100 mark where it beats random,
-    else no scores; such normalised scores do not compare across runs."""
+    run says so. False: the dataset's last behaviour policy (the expert of medium-expert) is the 100
+    mark where it beats random, else no scores, and random and medium-replay datasets get none; such
+    normalised scores do not compare across runs."""
     save_as: str | None = None
     """Id to store the generated dataset under (null: cqlsac/<env>/<preset>_<key>-v0). The run prints it;
     `dataset.name=ID` trains on it again."""
@@ -346,8 +347,9 @@ class PipelineConfig:
     seed: int = 0
     """Seed of every stage (each stage adds its own offset)."""
     recipe: str | None = None
-    """A fine-tuning recipe bundled with cqlsac (cql, calql, seed, wsrl, rlpd): its settings lie under
-    the config file's and the overrides (docs/recipes.md)."""
+    """A fine-tuning recipe bundled with cqlsac (cql, calql, seed, wsrl, rlpd). Named in a config file,
+    its settings lie under that file's keys; named by an override (`recipe=NAME`), over the file and
+    under the other overrides, and the file's own recipe is then not applied (docs/recipes.md)."""
     stages: list[StageName] = field(default_factory=default_stages)
     """Stages to run; the stages they read run first (or are reused): by default all that fine-tuning,
     SAC from scratch and the final evaluation need."""
@@ -409,7 +411,8 @@ class PipelineConfig:
         None: the default) with `key=value` overrides laid over it. A recipe named in the file lies
         under the file's keys; one named by an override (`recipe=rlpd`) lies over the file and under
         the other overrides, so that a bundled config with a recipe runs that recipe on the config's
-        task and budgets (e.g. RLPD's critic updates per frame, not the config's)."""
+        task and budgets (e.g. RLPD's critic updates per frame, not the config's). Such an override
+        replaces the file's recipe: one recipe applies, never two."""
         data = read_yaml(resolve_config_path(path)) if path is not None else {}
         given: dict = {}
         seen: dict[str, str] = {}
