@@ -36,10 +36,12 @@ def test_bootstrap_percentiles_of_two_runs():
 
 
 def test_bootstrap_resamples_runs_within_each_task():
-    # Task 0's runs are 0 or 10, task 1's are all 5: every replicate mean is (mean of task 0 draws + 5) / 2.
-    scores = np.array([[0.0, 5.0], [10.0, 5.0]])
+    # Each run scores 0 on one task and 10 on the other: resampling whole runs (rows) gives 5 every time.
+    # Resampled within each task, the two tasks' draws are independent: both all-0 (or all-10) with
+    # probability 1/16 each, above the 2.5% tails, so the interval spans [0, 10].
+    scores = np.array([[0.0, 10.0], [10.0, 0.0]])
     low, high = stratified_bootstrap_ci(scores, mean, reps=4000, seed=1)
-    assert (low, high) == (2.5, 7.5)
+    assert (low, high) == (0.0, 10.0)
 
 
 def test_probability_of_improvement_counts_ties_as_half():

@@ -32,8 +32,9 @@ def test_values_and_seeds_parse():
     assert split_values("[64,64],[128,128]") == ["[64,64]", "[128,128]"]
     assert split_values("{a: 1, b: 2}") == ["{a: 1, b: 2}"]
     assert parse_seeds("0-3") == [0, 1, 2, 3] and parse_seeds("0,5,7-8") == [0, 5, 7, 8]
-    for bad in ("x", "3-1", "1,1"):
-        with pytest.raises(ConfigError):
+    for bad, message in (("x", "expected seeds like 0-9"), ("3-1", "3-1 is an empty range"),
+                         ("1,1", "names a seed twice")):
+        with pytest.raises(ConfigError, match=message):
             parse_seeds(bad)
 
 

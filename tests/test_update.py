@@ -7,8 +7,8 @@ from torchrl.data import Bounded, Categorical, Unbounded
 
 from cqlsac.components.config import LossConfig, NetworkConfig, OptimConfig
 from cqlsac.components.cql_loss import CQLSACLoss
-from cqlsac.components.networks import make_actor, make_critics
-from cqlsac.components.update import make_optimizer, polyak_update, update_step
+from cqlsac.components.networks import EnsembleMLP, make_actor, make_critics
+from cqlsac.components.update import clip_grad_norm_per_member, make_optimizer, polyak_update, update_step
 
 OBS_DIM, ACT_DIM, BATCH, NUM_ACTIONS = 3, 2, 6, 4
 # Four different rates, so that a parameter in the wrong group shows.
@@ -50,6 +50,24 @@ def test_polyak_update_moves_each_target_weight_by_tau():
     torch.testing.assert_close(source.weight, torch.tensor([[3.0, 2.0]]))  # the source is left alone
 
 
+def test_clipping_scales_each_critics_own_gradient_to_the_norm():
+    """Each member's gradient over all its layers, scaled by min(1, max_norm / (its norm + 1e-6))."""
+    ensemble = EnsembleMLP(2, 1, (2,), num_members=3)
+    params = list(ensemble.parameters())
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    # Member 0: gradient entries 3 and 4 (norm 5); member 1: 0.3 and 0.4 (norm 0.5); member 2: none.
+    params[0].grad[0, 0, 0], params[-1].grad[0, 0, 0] = 3.0, 4.0
+    params[0].grad[1, 0, 0], params[-1].grad[1, 0, 0] = 0.3, 0.4
+    clip_grad_norm_per_member(ensemble, max_norm=1.0)
+    scale = 1.0 / (5.0 + 1e-6)
+    assert params[0].grad[0, 0, 0].item() == pytest.approx(3.0 * scale, rel=1e-6)
+    assert params[-1].grad[0, 0, 0].item() == pytest.approx(4.0 * scale, rel=1e-6)
+    assert (params[0].grad[1, 0, 0].item(), params[-1].grad[1, 0, 0].item()) == pytest.approx((0.3, 0.4))  # under the norm
+    assert all(float(p.grad[2].abs().sum()) == 0.0 for p in params)
+    assert sum(float(p.grad[0].pow(2).sum()) for p in params) == pytest.approx(1.0, rel=1e-5)
+
+
 @pytest.mark.parametrize("options, has_alpha_prime", [(dict(), False), (dict(lagrange=True), True),
                                                       (dict(lagrange=True, cql_weight=0.0), False)])
 def test_optimizer_groups_hold_their_own_parameters_and_rates(options, has_alpha_prime):
@@ -68,7 +86,8 @@ def test_optimizer_groups_hold_their_own_parameters_and_rates(options, has_alpha
 
 @pytest.mark.parametrize("options", [dict(), dict(lagrange=True)])
 def test_update_step_is_adams_first_step_on_each_loss_then_polyak(options):
-    """Adam's first step moves each parameter by lr * g / (|g| + eps), g the gradient of its own loss."""
+    """Adam reads each parameter's gradient of its own loss, and its first step moves the parameter by
+    lr * g / (|g| + eps)."""
     loss = small_loss(**options)
     optimizer = make_optimizer(loss, OPTIM)
     batch = small_batch()
@@ -80,15 +99,29 @@ def test_update_step_is_adams_first_step_on_each_loss_then_polyak(options):
     torch.manual_seed(5)
     losses = loss.compute(batch, loss.draw_noise(BATCH))  # the noise update_step will draw below
     expected = {}  # parameter -> its value after the step
+    expected_grads = {}  # parameter -> the gradient of its own loss
     for key, params, lr in owners:
         grads = torch.autograd.grad(losses[key], params, retain_graph=True)
+        expected_grads.update(zip(params, grads))
         expected.update({p: p.detach() - lr * g / (g.abs() + 1e-8) for p, g in zip(params, grads)})
     expected_targets = [t.detach() + OPTIM.tau * (expected[c] - t.detach())
                         for t, c in zip(loss.target_critic.parameters(), loss.critic_network.parameters())]
+    # Adam's first step sees only the sign of a gradient: its size is checked where Adam reads it.
+    seen_grads = {}
+    adam_step = optimizer.step
+
+    def recording_step(*args, **kwargs):
+        seen_grads.update({p: p.grad.clone() for group in optimizer.param_groups for p in group["params"]})
+        return adam_step(*args, **kwargs)
+
+    optimizer.step = recording_step
 
     torch.manual_seed(5)
     update_step(loss, optimizer, batch, OPTIM.tau)
 
+    assert seen_grads.keys() == expected_grads.keys()
+    for param, grad in expected_grads.items():
+        torch.testing.assert_close(seen_grads[param], grad, rtol=1e-5, atol=1e-7)
     for param, value in expected.items():
         torch.testing.assert_close(param.detach(), value, rtol=1e-5, atol=1e-6)
     for target, value in zip(loss.target_critic.parameters(), expected_targets):
