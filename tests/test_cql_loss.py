@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from loss_reference import penalised_critic_loss
 from tensordict import TensorDict
 from torch.distributions import Normal
 from torchrl.data import Bounded, Unbounded
@@ -160,15 +161,7 @@ def reference_losses(loss, batch, noise):
         "q_data": sum(q_datas) / len(q_datas),
         "alpha": alpha,
     }
-    w = cfg.cql_weight
-    if cfg.lagrange:
-        alpha_prime = torch.clamp(loss.log_alpha_prime.exp(), max=1e6)
-        out["alpha_prime"] = alpha_prime
-        out["loss_qvalue"] = sum(td + alpha_prime * w * (gap - cfg.lagrange_threshold) for td, gap in zip(td_losses, gaps))
-        out["loss_alpha_prime"] = -sum(alpha_prime * w * (gap - cfg.lagrange_threshold) for gap in gaps) / len(gaps)
-    else:
-        out["loss_qvalue"] = sum(td + w * gap for td, gap in zip(td_losses, gaps))
-    return out
+    return {**out, **penalised_critic_loss(cfg, loss.log_alpha_prime, td_losses, gaps)}
 
 
 OPTION_GRID = [

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from loss_reference import penalised_critic_loss
 from tensordict import TensorDict
 from torch.distributions import Categorical
 from torchrl.data import Categorical as CategoricalSpec
@@ -122,15 +123,7 @@ def reference_losses(loss, batch, noise=None) -> dict:
         out["loss_qvalue"] = sum(td_losses)
         return out
     out["cql_gap"] = sum(gap_means) / len(gap_means)
-    w = cfg.cql_weight
-    if cfg.lagrange:
-        alpha_prime = torch.clamp(loss.log_alpha_prime.exp(), max=1e6)
-        out["alpha_prime"] = alpha_prime
-        out["loss_qvalue"] = sum(td + alpha_prime * w * (g - cfg.lagrange_threshold) for td, g in zip(td_losses, gap_means))
-        out["loss_alpha_prime"] = -sum(alpha_prime * w * (g - cfg.lagrange_threshold) for g in gap_means) / len(gap_means)
-    else:
-        out["loss_qvalue"] = sum(td + w * g for td, g in zip(td_losses, gap_means))
-    return out
+    return {**out, **penalised_critic_loss(cfg, loss.log_alpha_prime, td_losses, gap_means)}
 
 
 OPTION_GRID = [
