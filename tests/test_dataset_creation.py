@@ -50,42 +50,32 @@ def assert_same_transitions(loaded, collected):
 
 
 def gym_mean_return(actor, env_id, env_kwargs, episodes, seed):
-    """Deterministic-policy return with plain gymnasium: episode i starts at the reset after reset(seed + i)."""
-    env = gym.make(env_id, **env_kwargs)
-    returns = []
-    for episode in range(episodes):
-        env.reset(seed=seed + episode)
-        obs, _ = env.reset()
-        rewards, done = [], False
-        while not done:
-            with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
-                action = actor(TensorDict(observation=torch.as_tensor(obs, dtype=torch.float32)))["action"]
-            obs, reward, terminated, truncated, _ = env.step(action.numpy())
-            rewards.append(np.float32(reward))
-            done = terminated or truncated
-        returns.append(torch.tensor(rewards).sum().item())
-    return math.fsum(returns) / episodes
-
-
-def gym_random_return(env_id, env_kwargs, episodes, seed):
-    """Uniform random play with plain gymnasium, as the reference scores define it: episode i starts at
-    the reset after reset(seed + i); each step draws the actions of all episodes from one generator
-    seeded with `seed` (every episode here lasts until its time limit, so they step together)."""
+    """Mean return with plain gymnasium, as evaluation defines it: episode i starts at the reset after
+    reset(seed + i), and the episodes step together. `actor` acts deterministically; with None, each
+    step draws the actions of all episodes uniformly from one generator seeded with `seed`."""
     envs = [gym.make(env_id, **env_kwargs) for _ in range(episodes)]
+    observations = []
     for i, env in enumerate(envs):
         env.reset(seed=seed + i)
-        env.reset()
+        observations.append(env.reset()[0])
     low, high = (torch.as_tensor(b) for b in (envs[0].action_space.low, envs[0].action_space.high))
     random = torch.Generator().manual_seed(seed)
     rewards = [[] for _ in envs]
     running = [True] * episodes
     while any(running):
-        actions = low + (high - low) * torch.rand(episodes, *low.shape, generator=random, dtype=low.dtype)
+        if actor is None:
+            draws = low + (high - low) * torch.rand(episodes, *low.shape, generator=random, dtype=low.dtype)
         for i, env in enumerate(envs):
-            if running[i]:
-                _, reward, terminated, truncated, _ = env.step(actions[i].numpy())
-                rewards[i].append(np.float32(reward))
-                running[i] = not (terminated or truncated)
+            if not running[i]:
+                continue
+            if actor is None:
+                action = draws[i]
+            else:
+                with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
+                    action = actor(TensorDict(observation=torch.as_tensor(observations[i], dtype=torch.float32)))["action"]
+            observations[i], reward, terminated, truncated, _ = env.step(action.numpy())
+            rewards[i].append(np.float32(reward))
+            running[i] = not (terminated or truncated)
     return math.fsum(torch.tensor(r).sum().item() for r in rewards) / episodes
 
 
@@ -155,7 +145,7 @@ def test_medium_dataset_from_a_checkpoint_with_reference_scores(dataset_store, c
     transitions, info = load_transitions("pendulum/medium-v0")
     assert_same_transitions(transitions, collect(PENDULUM, SHORT, actor, 50, seed=3))
     assert info.ref_max_score == gym_mean_return(actor, PENDULUM, SHORT, 2, seed=3)  # the behaviour policy's
-    assert info.ref_min_score == pytest.approx(gym_random_return(PENDULUM, SHORT, 2, seed=3), rel=1e-6)
+    assert info.ref_min_score == pytest.approx(gym_mean_return(None, PENDULUM, SHORT, 2, seed=3), rel=1e-6)
     source = info.metadata["cqlsac"]["sources"][0]
     assert source["sha256"] == hashlib.sha256(medium.read_bytes()).hexdigest()
     assert (source["policy"], source["steps"], source["episodes"]) == (str(medium), 50, 3)
@@ -192,7 +182,7 @@ def test_medium_replay_from_a_runs_transitions(dataset_store):
     transitions, info = load_transitions("pendulum/medium-replay-v0")
     assert_same_transitions(transitions, replay)
     assert info.ref_max_score == -50.0
-    assert info.ref_min_score == pytest.approx(gym_random_return(PENDULUM, SHORT, 1, seed=9), rel=1e-6)
+    assert info.ref_min_score == pytest.approx(gym_mean_return(None, PENDULUM, SHORT, 1, seed=9), rel=1e-6)
     assert info.metadata["cqlsac"]["preset"] == "medium-replay"
     assert info.metadata["cqlsac"]["ref_max_score_from"] == "value given by the user"
 

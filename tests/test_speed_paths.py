@@ -136,8 +136,9 @@ def test_ensemble_forward_is_q_at_one_action_for_any_batch_shape():
         torch.testing.assert_close(ensemble(obs, action), expected[:, 0].reshape(2, BATCH, 3))
 
 
-def small_loss(device="cpu", **options) -> CQLSACLoss:
-    obs_spec, act_spec = Unbounded(shape=(OBS_DIM,)), Bounded(low=-1.0, high=1.0, shape=(ACT_DIM,))
+def small_loss(device="cpu", discrete=False, **options) -> CQLSACLoss:
+    obs_spec = Unbounded(shape=(OBS_DIM,))
+    act_spec = Categorical(3) if discrete else Bounded(low=-1.0, high=1.0, shape=(ACT_DIM,))
     net = NetworkConfig(actor_hidden=(8,), critic_hidden=(8, 8))
     return CQLSACLoss(make_actor(obs_spec, act_spec, net), make_critics(obs_spec, act_spec, net),
                       LossConfig(num_actions=NUM_ACTIONS, **options)).to(device)
@@ -181,10 +182,7 @@ def test_cuda_graph_update_steps_as_update_step_does():
     Discrete actions draw no noise (without `target_subset`), so how a graph replays the random
     stream does not enter: what is compared is the recorded computation on fresh batches."""
     torch.manual_seed(0)
-    obs_spec, act_spec = Unbounded(shape=(OBS_DIM,)), Categorical(3)
-    net = NetworkConfig(actor_hidden=(8,), critic_hidden=(8, 8))
-    loss = CQLSACLoss(make_actor(obs_spec, act_spec, net), make_critics(obs_spec, act_spec, net),
-                      LossConfig(bc_steps=2)).to("cuda")  # BC on the two eager warm-ups, off in the graph
+    loss = small_loss("cuda", discrete=True, bc_steps=2)  # BC on the two eager warm-ups, off in the graph
     twin = copy.deepcopy(loss)
     with pytest.raises(ValueError, match="capturable=True"):
         cuda_graph_update(loss, make_optimizer(loss, OptimConfig()), tau=0.005)
