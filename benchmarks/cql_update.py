@@ -689,7 +689,9 @@ def main(argv=None):
           f" | {ENV_SWITCH}={os.environ.get(ENV_SWITCH, 'unset')}")
     probe = torch.zeros(1, 1, device=device)
     onednn = EnsembleMLP.use_onednn and onednn_ensemble.available_for(probe, [probe, probe], torch.nn.ReLU())
-    print(f"critic ensemble matmuls: {'oneDNN fp32 (components/onednn_ensemble.py)' if onednn else 'torch.baddbmm'}")
+    print("critic ensemble matmuls: " + (f"oneDNN fp32 (components/onednn_ensemble.py) on calls of at least "
+                                         f"{EnsembleMLP.onednn_min_rows} rows, torch.baddbmm on the others"
+                                         if onednn else "torch.baddbmm"))
     if args.pipeline_sizes:
         run_pipeline_sizes(args, device, sync, cores)
         return

@@ -140,12 +140,16 @@ class EnsembleMLP(nn.Module):
 
     Weights are `[num_members, fan_in, fan_out]`, biases `[num_members, 1, fan_out]`. All members
     are evaluated in one call on the same rows: on CPU in float32 with ReLU and one output through
-    oneDNN (`onednn_ensemble`; `use_onednn = False` turns it off), otherwise, and with `layer_norm`
-    (normalisation without affine parameters before each hidden activation), one batched matmul
-    per layer (docs/performance.md: which is faster where).
+    oneDNN (`onednn_ensemble`; `use_onednn = False` turns it off) when a call has at least
+    `onednn_min_rows` rows, otherwise, and with `layer_norm` (normalisation without affine
+    parameters before each hidden activation), one batched matmul per layer.
     """
 
     use_onednn: bool = True
+    # oneDNN pays on the CQL call's B(3N+1) rows; on a batch of B = 256 rows its one call per member
+    # and layer costs more than it saves: SAC-mode updates were 1.1-1.2x faster with every call
+    # batched (benchmarks/critic_paths.py, docs/performance.md).
+    onednn_min_rows: int = 1024
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...], num_members: int,
                  activation: type[nn.Module] = nn.ReLU, layer_norm: bool = False, num_discrete: int | None = None):
@@ -187,7 +191,7 @@ class EnsembleMLP(nn.Module):
         # One row (s, a) per state and action, shared by all members: [S*K, obs+act].
         rows = torch.cat([observation.unsqueeze(-2).expand(*actions.shape[:-1], self.obs_dim), actions], -1)
         rows = rows.reshape(-1, rows.shape[-1])
-        if (not self.layer_norm and self.use_onednn
+        if (not self.layer_norm and self.use_onednn and rows.shape[0] >= self.onednn_min_rows
                 and onednn_ensemble.available_for(rows, weights, self.activation)):
             q = onednn_ensemble.ensemble_q(rows, weights, biases)  # [E, S*K]
         else:

@@ -15,7 +15,8 @@ One difference from `torch.relu`: the fused ReLU maps a NaN pre-activation to 0 
 so NaN weights in a hidden layer reach Q one update later (through NaN gradients), not at once.
 
 `EnsembleMLP.evaluate` uses this when `available_for(...)` holds (CPU, float32, ReLU, oneDNN
-present) and falls back to `torch.baddbmm` otherwise (CUDA, float64, other activations).
+present) on calls of at least `EnsembleMLP.onednn_min_rows` rows, and `torch.baddbmm` otherwise
+(CUDA, float64, other activations, calls of one batch of rows).
 """
 
 from __future__ import annotations

@@ -65,8 +65,9 @@ def test_ensemble_values_and_gradients_match_a_plain_loop(activation, layer_norm
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 @pytest.mark.parametrize("hidden", [(16, 16), (9, 7, 5)])
 @pytest.mark.parametrize("detached_weights", [False, True])
-def test_onednn_float32_path_matches_a_float64_plain_loop(hidden, detached_weights):
+def test_onednn_float32_path_matches_a_float64_plain_loop(hidden, detached_weights, monkeypatch):
     torch.manual_seed(0)
+    monkeypatch.setattr(EnsembleMLP, "onednn_min_rows", 0)  # these few rows would take the batched path
     ensemble = EnsembleMLP(OBS_DIM, ACT_DIM, hidden, num_members=2)
     reference = copy.deepcopy(ensemble).double()
     obs = torch.randn(BATCH, OBS_DIM)
@@ -108,6 +109,25 @@ def test_onednn_path_only_where_it_applies():
     rows = torch.randn(3, OBS_DIM + ACT_DIM)
     assert not available_for(rows.double(), [w.double() for w in ensemble.weights], ensemble.activation)
     assert not available_for(rows, list(ensemble.weights), nn.Tanh())
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_onednn_takes_the_calls_with_many_rows_and_the_batched_path_the_others(monkeypatch):
+    import cqlsac.components.onednn_ensemble as onednn_ensemble
+
+    calls = []
+    original = onednn_ensemble.ensemble_q
+    monkeypatch.setattr(onednn_ensemble, "ensemble_q", lambda rows, *a: calls.append(rows.shape[0]) or original(rows, *a))
+    torch.manual_seed(0)
+    ensemble = EnsembleMLP(OBS_DIM, ACT_DIM, (16, 16), num_members=2)
+    reference = copy.deepcopy(ensemble).double()
+    few, many = EnsembleMLP.onednn_min_rows - 1, EnsembleMLP.onednn_min_rows
+    for states in (few, many):
+        obs, actions = torch.randn(states, OBS_DIM), torch.randn(states, 1, ACT_DIM)
+        q = ensemble.evaluate(obs, actions)
+        expected = plain_q(reference, obs[:3].double(), actions[:3].double(), nn.ReLU())
+        torch.testing.assert_close(q[:3].double(), expected, rtol=1e-5, atol=1e-5)
+    assert calls == [many]
 
 
 def test_compiled_ensemble_computes_what_the_plain_loop_does():
