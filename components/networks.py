@@ -147,8 +147,8 @@ class EnsembleMLP(nn.Module):
 
     use_onednn: bool = True
     # oneDNN pays on the CQL call's B(3N+1) rows; on a batch of B = 256 rows its one call per member
-    # and layer costs more than it saves: SAC-mode updates were 1.1-1.2x faster with every call
-    # batched (benchmarks/critic_paths.py, docs/performance.md).
+    # and layer costs more than it saves: SAC-mode updates were 1.2-1.45x faster with those calls
+    # batched on the Intel Xeon (benchmarks/critic_paths.py, docs/performance.md).
     onednn_min_rows: int = 1024
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...], num_members: int,
