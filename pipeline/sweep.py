@@ -16,6 +16,7 @@ import os
 import platform
 import re
 import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -436,7 +437,8 @@ class Sweep:
         `sessions` with its machine."""
         session = {"command": " ".join(["cqlsac", *sys.argv[1:]]) if Path(sys.argv[0]).name == "cqlsac" else None,
                    "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
-                   "wall_seconds": None if ended is None else round(ended - started, 1), "machine": machine()}
+                   "wall_seconds": None if ended is None else round(ended - started, 1), "machine": machine(),
+                   "code": code_version()}
         sessions = [*self.earlier_sessions, session]
         walls = [s["wall_seconds"] for s in sessions]
         record = {
@@ -463,6 +465,25 @@ def machine() -> dict:
         pass
     return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": importlib.metadata.version("torch")}
+
+
+def code_version() -> str | None:
+    """The git commit of the cqlsac checkout that runs, `+changes` when its tracked files differ from
+    it; None when cqlsac is not run from a git checkout (an installed package) or git is missing."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != root:  # not a checkout of cqlsac itself (e.g. a venv inside a repo)
+        return None
+    commit, changes = git("rev-parse", "--short=7", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    return None if commit is None else commit + ("+changes" if changes else "")
 
 
 # --- one run, in a worker process -------------------------------------------------------------------

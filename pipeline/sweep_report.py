@@ -145,6 +145,7 @@ def markdown(record: dict, name: str, image: str) -> str:
     counts = {status: sum(r["status"] == status for r in runs) for status in ("finished", "failed", "interrupted")}
     compute = 60 * sum(compute_minutes(r["summary"] or {}) or 0.0 for r in runs)
     machine = record["machine"]
+    first_code = (record.get("sessions") or [{}])[0].get("code")  # None in records from before code was recorded
     description = record["spec"].get("description")
     incomplete = ([f"**Incomplete: {counts['finished']} of {len(runs)} runs finished.** The tables hold the finished "
                    "runs only; `cqlsac sweep --resume` carries the sweep on (docs/sweeps.md).", ""]
@@ -154,7 +155,8 @@ def markdown(record: dict, name: str, image: str) -> str:
              + (f" with {', '.join(f'`{o}`' for o in record['spec']['overrides'])}" if record['spec']['overrides'] else "")
              + f"; seeds {_seed_text(record['spec']['seeds'])}.",
              f"Ran {record['started']} on {machine['cpu']} ({machine['cores']} cores"
-             + (f", torch {machine['torch']}" if machine.get("torch") else "") + f"), {record['backend']} backend, "
+             + (f", torch {machine['torch']}" if machine.get("torch") else "") + ")"
+             + (f" with cqlsac at commit {first_code}" if first_code else "") + f", {record['backend']} backend, "
              f"{record['workers']} at once with {record['threads']} thread(s) each: "
              + (f"{record['wall_seconds'] / 60:.1f} min wall, " if record["wall_seconds"]
                 else "wall time not known (a session was cut off), " if len(record.get("sessions", [])) > 1 else "")
@@ -163,6 +165,8 @@ def markdown(record: dict, name: str, image: str) -> str:
              + "".join(f" Resumed {session['started']} by `{session['command'] or '(from Python)'}`"
                        + (f" on {session['machine']['cpu']} ({session['machine']['cores']} cores)"
                           if session.get("machine") and session["machine"] != machine else "")
+                       + (f" with cqlsac at commit {session['code']}" if session.get("code") and session["code"] != first_code
+                          else " with unrecorded code" if first_code and not session.get("code") else "")
                        + (f" ({session['wall_seconds'] / 60:.1f} min)." if session["wall_seconds"] else ".")
                        for session in record.get("sessions", [])[1:]), "",
              "Each cell: the statistic over the seeds, then its 95% stratified bootstrap interval in brackets.", ""]

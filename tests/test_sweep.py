@@ -14,7 +14,7 @@ import pytest
 
 from cqlsac.pipeline.cli import main
 from cqlsac.pipeline.config import ConfigError
-from cqlsac.pipeline.sweep import Sweep, parse_seeds, split_values
+from cqlsac.pipeline.sweep import Sweep, code_version, parse_seeds, split_values
 
 # SAC from scratch alone, at a tiny budget: a run is a few seconds.
 BASELINE_ONLY = [
@@ -198,6 +198,14 @@ def test_a_failing_run_is_one_line_and_the_others_finish(tmp_path, dataset_store
     assert [run["status"] for run in resumed["runs"]] == ["finished", "finished"]
     assert resumed["runs"][0]["summary"] == runs[0]["summary"] and not (sweep_dir / "runs" / "00-seed0").exists()
     assert [session["machine"]["cores"] for session in resumed["sessions"]] == [os.cpu_count()] * 2
+    assert [session["code"] for session in resumed["sessions"]] == [code_version()] * 2
+    # The report names the code of the first session, and of a later one where it differs.
+    resumed["sessions"][0]["code"], resumed["sessions"][1]["code"] = "1111111", "2222222+changes"
+    (sweep_dir / "sweep.json").write_text(json.dumps(resumed))
+    assert main(["report", str(sweep_dir)]) == 0
+    report = (sweep_dir / "report.md").read_text()
+    assert " with cqlsac at commit 1111111, local backend" in report
+    assert f"Resumed {resumed['sessions'][1]['started']} by `(from Python)` with cqlsac at commit 2222222+changes" in report
     assert main(["sweep", "--resume", str(record)]) == 2  # it carries on in sweep_dir now: resume that
     assert f"already carries on this record: resume it with --resume {sweep_dir}" in capsys.readouterr().err
 
@@ -313,3 +321,18 @@ def test_named_settings_set_several_keys_together(tmp_path):
     assert [sweep.label(run.setting) for run in sweep.runs] == ["plain", "short warm-up"]
     cfg = sweep.run_config(sweep.runs[1].overrides, 3)
     assert (cfg.recipe, cfg.finetune.warmup_frames, cfg.network.num_critics, cfg.seed) == ("wsrl", 1000, 10, 3)
+
+
+def test_the_code_version_is_the_commit_of_the_checkout_that_runs():
+    import cqlsac.pipeline.sweep as sweep_module
+
+    root = Path(sweep_module.__file__).resolve().parents[1]
+    git = ["git", "-C", str(root)]
+    top = subprocess.run([*git, "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root:
+        assert code_version() is None  # an installed package: no commit to name
+        return
+    head = subprocess.run([*git, "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True).stdout.strip()
+    changed = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                             text=True).stdout.strip()
+    assert code_version() == head + ("+changes" if changed else "")
