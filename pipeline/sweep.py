@@ -435,7 +435,7 @@ class Sweep:
         """Write `sweep.json`. A resumed sweep keeps its first command, start and machine; its wall time is
         the sum over its sessions (unknown while one is running or when one was cut off), each listed in
         `sessions` with its machine."""
-        session = {"command": " ".join(["cqlsac", *sys.argv[1:]]) if Path(sys.argv[0]).name == "cqlsac" else None,
+        session = {"command": command_line(),
                    "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
                    "wall_seconds": None if ended is None else round(ended - started, 1), "machine": machine(),
                    "code": code_version()}
@@ -465,6 +465,17 @@ def machine() -> dict:
         pass
     return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": importlib.metadata.version("torch")}
+
+
+def command_line() -> str | None:
+    """The command that runs this sweep, as typed: `cqlsac ...` or `python -m cqlsac.pipeline.cli ...`;
+    None when called from Python."""
+    program = Path(sys.argv[0])
+    if program.name == "cqlsac":
+        return " ".join(["cqlsac", *sys.argv[1:]])
+    if program.resolve() == (Path(__file__).resolve().parent / "cli.py"):
+        return " ".join(["python -m cqlsac.pipeline.cli", *sys.argv[1:]])
+    return None
 
 
 def code_version() -> str | None:

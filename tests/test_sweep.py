@@ -282,6 +282,8 @@ def test_a_killed_sweep_resumes_keeping_its_finished_runs(tmp_path):
         assert after[key]["summary"] == before[key]["summary"]
     record, first = json.loads(record_path.read_text()), json.loads(record_path.read_text())["sessions"][0]
     assert len(record["sessions"]) == 2 and record["started"] == first["started"]
+    assert first["command"] == " ".join(["python -m cqlsac.pipeline.cli", *sweep_command(tmp_path, "--threads=1")[3:]])
+    assert record["sessions"][1]["command"] == f"python -m cqlsac.pipeline.cli sweep --resume {sweep_dir}"
     assert first["wall_seconds"] is None and record["wall_seconds"] is None  # the killed session's time is unknown
     assert record["sessions"][1]["wall_seconds"] > 0
 
