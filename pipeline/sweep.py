@@ -9,6 +9,7 @@ A sweep directory holds `sweep.json` (the spec and every run's status and summar
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import itertools
 import json
@@ -453,6 +454,7 @@ class Sweep:
         return record
 
 
+@functools.cache  # a session's machine and code stay what they were: read once, not at every save
 def machine() -> dict:
     """What the runs ran on: processor, cores, Python and torch's versions."""
     model = platform.processor() or platform.machine()
@@ -478,6 +480,7 @@ def command_line() -> str | None:
     return None
 
 
+@functools.cache
 def code_version() -> str | None:
     """The git commit of the cqlsac checkout that runs, `+changes` when its tracked files differ from
     it; None when cqlsac is not run from a git checkout (an installed package) or git is missing."""
