@@ -38,10 +38,12 @@ def at_budget_share(share: float):
 
 
 def dip(summary: dict) -> float | None:
-    """How far fine-tuning falls below its starting policy after the switch, as a share of the expert -
-    random range of the normalisation (0: it never falls below where it started)."""
+    """How far fine-tuning falls below the offline policy it starts from after the switch, as a share of
+    the expert - random range of the normalisation (0: it never falls below where it started). None for
+    a fresh agent (recipes `seed`, `rlpd`): no offline policy, no switch, and a fall from an untrained
+    policy's first evaluation says nothing about unlearning."""
     evals, low, high = summary.get("finetune_evals"), summary.get("ref_min_score"), summary.get("ref_max_score")
-    if not evals or len(evals) < 2 or low is None or high is None:
+    if not evals or len(evals) < 2 or low is None or high is None or summary.get("offline_eval_return") is None:
         return None
     return max(0.0, evals[0][1] - min(r for _, r in evals[1:])) / (high - low)
 
@@ -79,7 +81,8 @@ FIGURES = (("final return (fine-tuned policy)", "final_eval_return"),
            ("fine-tuning return at 10% of its budget", at_budget_share(0.10)),
            ("fine-tuning return at 25% of its budget", at_budget_share(0.25)),
            ("fine-tuning return at 50% of its budget", at_budget_share(0.50)),
-           ("the dip after the switch, as a share of the expert - random range", dip, 2),
+           ("the dip after the switch, as a share of the expert - random range (none for a fresh agent: no offline policy)",
+            dip, 2),
            ("online steps to SAC's final return, over SAC's budget (never: budget + one interval)", steps_to_sac_final, 2),
            ("offline CQL policy", "offline_eval_return"),
            ("SAC from scratch, final", "sac_final_return"),

@@ -57,6 +57,33 @@ def test_the_run_report_says_how_the_final_policy_acted():
     assert "the fine-tuned policy, with sampled actions, mean of 10" in sampled
 
 
+def test_the_dip_is_the_fall_below_the_starting_offline_policy_over_the_reference_range():
+    from cqlsac.pipeline.sweep_report import dip
+
+    # Starts at 50 (the offline policy), falls to -70 at worst, recovers; range 300 - (-100) = 400.
+    summary = {"finetune_evals": [(0, 50.0), (1000, -20.0), (2000, -70.0), (3000, 200.0)],
+               "ref_min_score": -100.0, "ref_max_score": 300.0, "offline_eval_return": 51.0}
+    assert dip(summary) == pytest.approx(0.3)
+    assert dip({**summary, "finetune_evals": [(0, 50.0), (1000, 60.0), (2000, 55.0)]}) == 0.0  # never below the start
+    assert dip({**summary, "offline_eval_return": None}) is None  # a fresh agent: no switch, no dip
+    assert dip({**summary, "ref_max_score": None}) is None
+    assert dip({**summary, "finetune_evals": [(0, 50.0)]}) is None
+
+
+def test_returns_along_the_budget_and_the_censored_step_fraction():
+    from cqlsac.pipeline.sweep_report import at_budget_share, steps_to_sac_final
+
+    evals = [(0, -500.0), (1000, -300.0), (2000, -200.0), (3000, -180.0), (4000, -150.0)]
+    assert at_budget_share(0.25)({"finetune_evals": evals}) == -300.0  # nearest to 1000 of 4000 frames
+    assert at_budget_share(0.5)({"finetune_evals": evals}) == -200.0
+    assert at_budget_share(0.5)({}) is None
+    reached = {"finetune_evals": evals, "finetune_step_fraction": 0.25, "sac_frames": 8000}
+    assert steps_to_sac_final(reached) == 0.25
+    # Never reached: the whole budget plus one evaluation interval, (4000 + 1000) / 8000.
+    assert steps_to_sac_final({**reached, "finetune_step_fraction": None}) == 0.625
+    assert steps_to_sac_final({"finetune_evals": evals}) is None  # no SAC from scratch to compare with
+
+
 def test_a_recipes_compute_counts_its_own_stages_computed_or_reused():
     from cqlsac.pipeline.sweep_report import compute_minutes, recipe_minutes
 
