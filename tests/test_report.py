@@ -133,6 +133,21 @@ def test_every_results_section_is_what_its_kept_record_makes():
         assert (RESULTS.parent / RECORDS / f"{name}.json").is_file() or "\nRecord: not kept (" in text, name
 
 
+def test_the_contents_link_each_section_by_githubs_anchor_and_tell_repeats_apart():
+    from cqlsac.pipeline.sweep_report import contents
+
+    ran = "Ran 2026-12-02 15:16:42 UTC on AMD EPYC (2 cores), local backend"
+    sections = {"a": f"<!-- sweep a -->\n## The seed's claim, v3 (x)\n\n{ran}\n",
+                "b": f"<!-- sweep b -->\n## The seed's claim, v3 (x)\n\n**Incomplete: 6 of 25 runs finished.** T\n\n{ran}\n",
+                "c": "<!-- sweep c -->\n## Other_one\n\nno date here\n"}
+    assert contents(sections) == [
+        "- [The seed's claim, v3 (x)](#the-seeds-claim-v3-x), ran 2026-12-02 on AMD EPYC",
+        "- [The seed's claim, v3 (x)](#the-seeds-claim-v3-x-1), ran 2026-12-02 on AMD EPYC (incomplete: 6 of 25 runs)",
+        "- [Other_one](#other_one)"]
+    page = RESULTS.read_text()
+    assert "\n".join(contents(results_sections(page))) in page.split("<!-- sweep ", 1)[0]
+
+
 def test_a_page_without_generated_sections_is_left_alone(tmp_path):
     page = tmp_path / "results.md"
     page.write_text("# My notes\n\nkeep me\n")
