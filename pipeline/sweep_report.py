@@ -375,7 +375,7 @@ def section(name: str, record: dict) -> str:
 
 
 def contents(sections: dict[str, str]) -> list[str]:
-    """A list of the page's sections, oldest first, each linked by the anchor GitHub gives its title
+    """A list of the page's sections in page order (new sweeps go last), each linked by the anchor GitHub gives its title
     (lower case, punctuation dropped, spaces as hyphens, `-1`, `-2` on repeats), with when and where it
     ran and whether its sweep was left incomplete: sections of the same title are told apart."""
     seen: dict[str, int] = {}
@@ -383,7 +383,8 @@ def contents(sections: dict[str, str]) -> list[str]:
     for text in sections.values():
         title = re.search(r"^## (.+)$", text, re.MULTILINE).group(1)
         anchor = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
-        repeat, seen[anchor] = seen.get(anchor, 0), seen.get(anchor, 0) + 1
+        repeat = seen.get(anchor, 0)
+        seen[anchor] = repeat + 1
         ran = re.search(r"^Ran (\d{4}-\d{2}-\d{2}) \S+ UTC on (.+?) \(", text, re.MULTILINE)
         incomplete = re.search(r"\*\*Incomplete: (\d+ of \d+) runs finished", text)
         lines.append(f"- [{title}](#{anchor}{f'-{repeat}' if repeat else ''})"
