@@ -223,20 +223,34 @@ def median(values: np.ndarray) -> float:
     return float(np.median(values))
 
 
-def ratio_at_most(summary: dict) -> float | None:
-    """An upper bound on a run's episode ratio: the ratio itself where both reached the level; where
-    only fine-tuning did, its episodes over all of SAC's (SAC needs more than it ran); else None."""
-    if summary["episode_ratio"] is not None:
-        return summary["episode_ratio"]
-    if summary["finetune_episodes_to_level"] is not None and summary["sac_episodes_to_level"] is None:
-        return summary["finetune_episodes_to_level"] / summary["sac_episodes"]
-    return None
+def ratio_bounds(summary: dict) -> tuple[float, float]:
+    """Bounds on a run's episode ratio (fine-tuning's episodes to the level over SAC's): the ratio itself
+    where both reached the level; where only fine-tuning did, at most its episodes over all of SAC's (SAC
+    needs more than it ran); where only SAC did, at least all of fine-tuning's episodes over SAC's; where
+    neither did, anything from 0 to infinity."""
+    ours, sac = summary["finetune_episodes_to_level"], summary["sac_episodes_to_level"]
+    if ours is not None and sac is not None:
+        return ours / sac, ours / sac
+    if ours is not None:
+        return 0.0, ours / summary["sac_episodes"]
+    if sac is not None:
+        return summary["finetune_episodes"] / sac, math.inf
+    return 0.0, math.inf
+
+
+def _bound_text(low: float, high: float) -> str:
+    if low == high:
+        return f"{low:.2f}"
+    if math.isinf(high):
+        return f"at least {low:.2f}" if low > 0 else "unknown"
+    return f"at most {high:.2f}"
 
 
 def episode_table(record: dict) -> list[str]:
     """The seed's measure: training episodes until the mean of the last episodes reaches a level, fine-tuning
-    against SAC from scratch, with the median ratio over seeds and its bootstrap interval, and the bounds
-    that runs where SAC never got there still give."""
+    against SAC from scratch, with the median ratio over the seeds where both got there and its bootstrap
+    interval, each seed's ratio or the bound its run gives, and the bounds these give the median ratio
+    over all seeds (each seed's ratio lies within its bounds, so the median lies within their medians)."""
     rows = []
     for label, summaries in settings(record):
         known = [s for s in summaries if "episode_ratio" in s]
@@ -245,22 +259,25 @@ def episode_table(record: dict) -> list[str]:
         ours = [s["finetune_episodes_to_level"] for s in known]
         sac = [s["sac_episodes_to_level"] for s in known]
         ratios = np.array([s["episode_ratio"] for s in known if s["episode_ratio"] is not None], dtype=float)
-        bounds = [ratio_at_most(s) for s in known]
-        # If every run's ratio is at most its bound, the median ratio is at most the median bound.
-        bound_text = ", ".join("-" if b is None else f"{b:.2f}" for b in bounds)
-        if None not in bounds:
-            bound_text += f"; median at most {median(np.array(bounds)):.2f}"
+        bounds = [ratio_bounds(s) for s in known]
+        low, high = (median(np.array([b[i] for b in bounds])) for i in (0, 1))
+        median_text = (f"{low:.2f}" if low == high else f"{low:.2f} to " + ("no upper bound" if math.isinf(high)
+                                                                            else f"{high:.2f}"))
         level, window = known[0]["episode_return_level"], known[0]["episode_window"]
         rows.append(f"| {label} | {len(known)} | {_counts(ours)} | {_counts(sac)} | "
-                    f"{estimate(ratios, median) if ratios.size else '-'} | {bound_text} |")
+                    f"{estimate(ratios, median) if ratios.size else '-'} | {', '.join(_bound_text(*b) for b in bounds)} | "
+                    f"{median_text} |")
     if not rows:
         return []
     return [f"**training episodes until the mean return of the last {window} episodes first reaches {fmt(level)}** "
-            "(per seed; never = not within the budget; the ratio over the seeds where both reached it, its median "
-            "and 95% bootstrap interval; at most: per seed, the ratio, or where only fine-tuning reached the level "
-            "its episodes over all of SAC's, since SAC needs more than it ran)", "",
-            "| setting | runs | fine-tuning | SAC from scratch | ratio, median | ratio at most |",
-            "| --- | --- | --- | --- | --- | --- |", *rows, ""]
+            "(per seed; never = not within the budget; the ratio fine-tuning over SAC where both reached it, its "
+            "median and 95% bootstrap interval; per seed the ratio, or where one never got there the bound its "
+            "budget gives: at most fine-tuning's episodes over all of SAC's where only fine-tuning got there, at "
+            "least all of fine-tuning's over SAC's where only SAC did; and the range these bounds leave for the "
+            "median ratio over all seeds)", "",
+            "| setting | runs | fine-tuning | SAC from scratch | ratio, median where both reached | ratio or bound, per seed "
+            "| median ratio, all seeds |",
+            "| --- | --- | --- | --- | --- | --- | --- |", *rows, ""]
 
 
 def _counts(values: list) -> str:

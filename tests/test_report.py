@@ -106,21 +106,29 @@ def test_the_sweep_report_lists_each_runs_numbers():
                                  "|---|---|---|---|", "| base config | 0 | -139.5915 | -375.8470 |", ""]
 
 
-def test_the_episode_table_bounds_the_ratio_where_sac_never_reached_the_level():
+def test_the_episode_table_bounds_the_ratio_where_one_never_reached_the_level():
     from cqlsac.pipeline.sweep_report import episode_table
 
-    def run(seed, ours, sac, sac_total):
+    def run(seed, ours, sac, ours_total, sac_total):
         ratio = None if ours is None or sac is None else ours / sac
         return {"setting": 0, "seed": seed, "overrides": {}, "status": "finished", "summary": {
             "episode_return_level": 200.0, "episode_window": 20, "finetune_episodes_to_level": ours,
-            "sac_episodes_to_level": sac, "episode_ratio": ratio, "finetune_episodes": 100, "sac_episodes": sac_total}}
+            "sac_episodes_to_level": sac, "episode_ratio": ratio, "finetune_episodes": ours_total,
+            "sac_episodes": sac_total}}
 
-    record = {"spec": {"named": {}}, "runs": [run(0, 50, None, 200), run(1, 30, 120, 300), run(2, 80, None, 160)]}
+    # Per seed: 50/200 at most (SAC never in 200); 30/120 exactly; 100/80 at least (fine-tuning never in 100).
+    record = {"spec": {"named": {}}, "runs": [run(0, 50, None, 100, 200), run(1, 30, 120, 100, 300),
+                                              run(2, None, 80, 100, 160)]}
     row = episode_table(record)[4]
-    # Bounds 50/200, 30/120 (the ratio itself), 80/160; their median 0.25 bounds the median ratio.
-    assert row == "| base config | 3 | 50, 30, 80 | never, 120, never | 0.2 (one run) | 0.25, 0.25, 0.50; median at most 0.25 |"
-    record["runs"].append(run(3, None, None, 150))  # neither reached it: no bound, so none for the median
-    assert episode_table(record)[4].endswith("| 0.25, 0.25, 0.50, - |")
+    # Lower bounds 0, 0.25, 1.25: median 0.25; upper bounds 0.25, 0.25, inf: median 0.25.
+    assert row == ("| base config | 3 | 50, 30, never | never, 120, 80 | 0.2 (one run) | "
+                   "at most 0.25, 0.25, at least 1.25 | 0.25 |")
+    record["runs"].append(run(3, None, None, 100, 150))  # neither reached it: 0 to infinity
+    # Lower bounds 0, 0, 0.25, 1.25: median 0.125; upper 0.25, 0.25, inf, inf: median inf.
+    assert episode_table(record)[4].endswith("| at most 0.25, 0.25, at least 1.25, unknown | 0.12 to no upper bound |")
+    record["runs"][3] = run(3, 20, None, 100, 400)  # only fine-tuning: at most 20/400
+    # Lower bounds 0, 0.25, 1.25, 0: median 0.125; upper 0.25, 0.25, inf, 0.05: median 0.25.
+    assert episode_table(record)[4].endswith("| at most 0.25, 0.25, at least 1.25, at most 0.05 | 0.12 to 0.25 |")
 
 
 def test_every_results_section_is_what_its_kept_record_makes():
