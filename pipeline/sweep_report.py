@@ -228,9 +228,9 @@ def ratio_bounds(summary: dict) -> tuple[float, float]:
     where both reached the level; where only fine-tuning did, at most its episodes over all of SAC's (SAC
     needs more than it ran); where only SAC did, at least all of fine-tuning's episodes over SAC's; where
     neither did, anything from 0 to infinity."""
+    if summary["episode_ratio"] is not None:  # both reached it
+        return summary["episode_ratio"], summary["episode_ratio"]
     ours, sac = summary["finetune_episodes_to_level"], summary["sac_episodes_to_level"]
-    if ours is not None and sac is not None:
-        return ours / sac, ours / sac
     if ours is not None:
         return 0.0, ours / summary["sac_episodes"]
     if sac is not None:
