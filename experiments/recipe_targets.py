@@ -41,14 +41,14 @@ def reached_by_budget(summary: dict) -> float | None:
 
 
 def verdict(summaries: list[dict], key, target: float) -> str:
-    """`met`, or how far the upper end of the IQM's interval lies above `target`."""
+    """`met`, or how far the upper end of the IQM's interval lies above `target` (or at it, for the dip)."""
     values = figure(summaries, key)
     if values.size == 0:
         return "no offline policy" if key is dip and summaries else "-"
     if values.size == 1:
         return "one run"
     high = interval_estimate(values, iqm)["high"]
-    if high <= target:
+    if high < target or (high == target and key is not dip):  # the dip under the target, the steps at most
         return "met"
     never = sum(s.get("finetune_step_fraction", 0) is None for s in summaries) if key is steps_to_sac_final else 0
     if not never:

@@ -40,6 +40,9 @@ def test_each_recipe_is_met_or_short_by_the_upper_end_less_the_target():
         "| holds | met | short by at least 0.50 (never on 5 of 5 seeds) |",
         "| fresh | no offline policy | short by 0.10 |",
         "| alone | one run | one run |"]
+    # The dip must be under its target, the steps at most theirs.
+    assert recipe_targets.verdict([summary(50, 40, 0.5)] * 5, recipe_targets.dip, 0.1) == "short by 0.00"
+    assert recipe_targets.verdict([summary(50, 40, 0.5)] * 5, recipe_targets.steps_to_sac_final, 0.5) == "met"
     # The step target only where asked for.
     assert recipe_targets.table([rec], [])[0] == "| recipe | dip, hopper |"
 
