@@ -32,10 +32,15 @@ STEP_TARGET = 0.5
 BEGIN, END = "<!-- recipe-targets -->", "<!-- /recipe-targets -->"
 
 
+def never_reached(summary: dict) -> bool:
+    """Fine-tuning never reached SAC from scratch's final return within its budget."""
+    return "finetune_step_fraction" in summary and summary["finetune_step_fraction"] is None
+
+
 def reached_by_budget(summary: dict) -> float | None:
     """`steps_to_sac_final` with a seed that never got there counted at its budget over SAC's: the
     least its true fraction can be, so an interval end from these bounds the true one from below."""
-    if summary.get("finetune_step_fraction", 0) is None:
+    if never_reached(summary):
         return summary["finetune_evals"][-1][0] / summary["sac_frames"]
     return steps_to_sac_final(summary)
 
@@ -50,7 +55,7 @@ def verdict(summaries: list[dict], key, target: float) -> str:
     high = interval_estimate(values, iqm)["high"]
     if high < target or (high == target and key is not dip):  # the dip under the target, the steps at most
         return "met"
-    never = sum(s.get("finetune_step_fraction", 0) is None for s in summaries) if key is steps_to_sac_final else 0
+    never = sum(map(never_reached, summaries)) if key is steps_to_sac_final else 0
     if not never:
         return f"short by {high - target:.2f}"
     # The IQM and the bootstrap's percentiles only grow with any one value: never-reached seeds at
