@@ -1,5 +1,7 @@
 """`update_step` against a hand computation: per-loss gradients, Adam's first step per group, Polyak."""
 
+import math
+
 import pytest
 import torch
 from tensordict import TensorDict
@@ -84,10 +86,21 @@ def test_optimizer_groups_hold_their_own_parameters_and_rates(options, has_alpha
         assert [id(p) for p in group["params"]] == [id(p) for p in params]
 
 
-@pytest.mark.parametrize("options", [dict(), dict(lagrange=True)])
-def test_update_step_is_adams_first_step_on_each_loss_then_polyak(options):
-    """Adam reads each parameter's gradient of its own loss, and its first step moves the parameter by
-    lr * g / (|g| + eps)."""
+def clipped_per_critic(grads: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
+    """Each critic's gradient (its slice of every stacked parameter) times min(1, max_norm / (norm + 1e-6)),
+    critic by critic."""
+    out = [g.clone() for g in grads]
+    for member in range(grads[0].shape[0]):
+        norm = math.sqrt(sum(float(g[member].pow(2).sum()) for g in grads))
+        for g in out:
+            g[member] *= min(1.0, max_norm / (norm + 1e-6))
+    return out
+
+
+@pytest.mark.parametrize("options, clip", [(dict(), None), (dict(lagrange=True), None), (dict(), 0.05)])
+def test_update_step_is_adams_first_step_on_each_loss_then_polyak(options, clip):
+    """Adam reads each parameter's gradient of its own loss, each critic's clipped to norm `clip`, and its
+    first step moves the parameter by lr * g / (|g| + eps)."""
     loss = small_loss(**options)
     optimizer = make_optimizer(loss, OPTIM)
     batch = small_batch()
@@ -102,6 +115,9 @@ def test_update_step_is_adams_first_step_on_each_loss_then_polyak(options):
     expected_grads = {}  # parameter -> the gradient of its own loss
     for key, params, lr in owners:
         grads = torch.autograd.grad(losses[key], params, retain_graph=True)
+        if key == "loss_qvalue" and clip is not None:
+            assert max(float(g.flatten(1).norm(dim=1).max()) for g in grads) > clip  # the clip binds
+            grads = clipped_per_critic(grads, clip)
         expected_grads.update(zip(params, grads))
         expected.update({p: p.detach() - lr * g / (g.abs() + 1e-8) for p, g in zip(params, grads)})
     expected_targets = [t.detach() + OPTIM.tau * (expected[c] - t.detach())
@@ -117,7 +133,7 @@ def test_update_step_is_adams_first_step_on_each_loss_then_polyak(options):
     optimizer.step = recording_step
 
     torch.manual_seed(5)
-    update_step(loss, optimizer, batch, OPTIM.tau)
+    update_step(loss, optimizer, batch, OPTIM.tau, critic_grad_clip=clip)
 
     assert seen_grads.keys() == expected_grads.keys()
     for param, grad in expected_grads.items():
@@ -168,6 +184,8 @@ def test_a_critic_only_update_is_the_full_losses_without_the_actors(options, dis
     grads = torch.autograd.grad(total, params, allow_unused=True)
     expected = {p: p.detach().clone() if g is None else p.detach() - lr_of(optimizer, p) * g / (g.abs() + 1e-8)
                 for p, g in zip(params, grads)}
+    expected_targets = [t.detach() + OPTIM.tau * (expected[c] - t.detach())
+                        for t, c in zip(loss.target_critic.parameters(), loss.critic_network.parameters())]
 
     torch.manual_seed(5)
     losses = update_step(loss, optimizer, batch, OPTIM.tau, update_actor=False)
@@ -178,6 +196,8 @@ def test_a_critic_only_update_is_the_full_losses_without_the_actors(options, dis
     for param, value in expected.items():
         torch.testing.assert_close(param.detach(), value, rtol=1e-6, atol=1e-7)
     assert torch.equal(loss.log_alpha.detach(), expected[loss.log_alpha])  # the temperature stays
+    for target, value in zip(loss.target_critic.parameters(), expected_targets):  # Polyak on every update
+        torch.testing.assert_close(target, value, rtol=1e-6, atol=1e-7)
 
 
 def lr_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> float:
