@@ -27,11 +27,13 @@ HIGH = torch.tensor([2.0, 3.0])
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def build_loss(seed=0, dtype=torch.float64, critic_hidden=(8, 8), num_critics=2, **options) -> CQLSACLoss:
+def build_loss(seed=0, dtype=torch.float64, critic_hidden=(8, 8), num_critics=2, critic_layer_norm=False,
+               **options) -> CQLSACLoss:
     torch.manual_seed(seed)
     obs_spec = Unbounded(shape=(OBS_DIM,))
     act_spec = Bounded(low=LOW, high=HIGH, shape=(ACT_DIM,))
-    net = NetworkConfig(actor_hidden=(8, 8), critic_hidden=critic_hidden, num_critics=num_critics)
+    net = NetworkConfig(actor_hidden=(8, 8), critic_hidden=critic_hidden, num_critics=num_critics,
+                        critic_layer_norm=critic_layer_norm)
     loss = CQLSACLoss(make_actor(obs_spec, act_spec, net), make_critics(obs_spec, act_spec, net),
                       LossConfig(**{"num_actions": 3, **options}))
     with torch.no_grad():
@@ -71,6 +73,8 @@ def ref_q(ensemble, member, obs, act):
     for depth, (w, b) in enumerate(layers):
         x = x @ w[member] + b[member, 0]
         if depth < len(layers) - 1:
+            if ensemble.layer_norm:  # no affine parameters, the biased variance, eps 1e-5
+                x = (x - x.mean()) / torch.sqrt(((x - x.mean()) ** 2).mean() + 1e-5)
             x = torch.relu(x)
     return x[0]
 
@@ -198,6 +202,34 @@ def test_critic_ensembles_with_random_subset_targets_match_the_reference(options
         torch.testing.assert_close(got[key], value.to(got[key]), **TOL, msg=f"{key} differs")
 
 
+def test_the_target_critics_subset_is_drawn_uniformly():
+    """Every pair of the 5 critics comes up, each critic in about 2/5 of the draws (seeded: 400 draws)."""
+    loss = build_loss(num_critics=5, target_subset=2)
+    torch.manual_seed(3)
+    draws = [tuple(sorted(loss.draw_noise(BATCH)["critic_subset"].tolist())) for _ in range(400)]
+    assert set(draws) == set(itertools.combinations(range(5), 2))
+    counts = [sum(member in draw for draw in draws) for member in range(5)]
+    assert all(abs(count - 160) < 40 for count in counts), counts  # binomial(400, 0.4): sd 9.8
+
+
+@pytest.mark.parametrize("options", [dict(critic_layer_norm=True), dict(target_entropy=-0.7),
+                                     dict(critic_layer_norm=True, num_critics=5, target_subset=2, lagrange=True)],
+                         ids=str)
+def test_layer_norm_critics_and_a_set_target_entropy_match_the_reference(options):
+    loss = build_loss(**options)
+    batch = make_batch()
+    noise = loss.draw_noise(BATCH)
+    got = loss.compute(batch, noise)
+    expected = reference_losses(loss, batch, noise)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value.detach().to(got[key]), **TOL, msg=f"{key} differs")
+    for key, params in own_parameters(loss).items():
+        if key in got.keys():
+            for g, e in zip(torch.autograd.grad(got[key], params, retain_graph=True),
+                            torch.autograd.grad(expected[key], params, retain_graph=True)):
+                torch.testing.assert_close(g, e, **TOL, msg=f"gradient of {key} differs")
+
+
 def test_sac_mode_matches_reference_and_has_no_cql_terms():
     loss = build_loss(cql_weight=0.0)
     batch = make_batch()
@@ -211,15 +243,31 @@ def test_sac_mode_matches_reference_and_has_no_cql_terms():
     assert got["cql_gap"] == 0
 
 
-def test_float32_module_matches_float64_reference():
+@pytest.mark.parametrize("path", ["batched", "onednn"])
+def test_float32_module_matches_float64_reference(path, monkeypatch):
+    """In float32 on CPU, through either critic path: these few rows take the batched matmuls, and
+    with no row minimum every critic call takes oneDNN (a batch of 256 rows does in training)."""
+    import cqlsac.components.onednn_ensemble as onednn_ensemble
+    from cqlsac.components.networks import EnsembleMLP
+
+    onednn_calls = []
+    if path == "onednn":
+        monkeypatch.setattr(EnsembleMLP, "onednn_min_rows", 0)
+        original = onednn_ensemble.ensemble_q
+        monkeypatch.setattr(onednn_ensemble, "ensemble_q", lambda *a: onednn_calls.append(1) or original(*a))
     loss32 = build_loss(dtype=torch.float32, lagrange=True, calibrated=True)
     loss64 = build_loss(dtype=torch.float64, lagrange=True, calibrated=True)
     noise = loss32.draw_noise(BATCH)
     got = loss32.compute(make_batch(dtype=torch.float32), noise)
-    with torch.no_grad():
-        expected = reference_losses(loss64, make_batch(), {k: v.double() for k, v in noise.items()})
+    got32 = {key: [g.double() for g in torch.autograd.grad(got[key], params, retain_graph=True)]
+             for key, params in own_parameters(loss32).items() if key in got.keys()}
+    expected = reference_losses(loss64, make_batch(), {k: v.double() for k, v in noise.items()})
+    assert bool(onednn_calls) == (path == "onednn")  # the path under test ran
     for key, value in expected.items():
-        torch.testing.assert_close(got[key].double(), value, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[key].double(), value.detach(), rtol=1e-4, atol=1e-4)
+    for key, grads in got32.items():
+        for g, e in zip(grads, torch.autograd.grad(expected[key], own_parameters(loss64)[key], retain_graph=True)):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4, msg=f"gradient of {key} differs")
 
 
 # ---- closed-form cases -------------------------------------------------------------------
