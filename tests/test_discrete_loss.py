@@ -25,11 +25,12 @@ OBS_DIM, NUM_ACTIONS, BATCH = 3, 4, 5
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def build_loss(seed=0, num_critics=2, **options) -> CQLSACLoss:
+def build_loss(seed=0, num_critics=2, critic_layer_norm=False, **options) -> CQLSACLoss:
     torch.manual_seed(seed)
     obs_spec = Unbounded(shape=(OBS_DIM,))
     act_spec = CategoricalSpec(NUM_ACTIONS)
-    net = NetworkConfig(actor_hidden=(8, 8), critic_hidden=(8, 8), num_critics=num_critics)
+    net = NetworkConfig(actor_hidden=(8, 8), critic_hidden=(8, 8), num_critics=num_critics,
+                        critic_layer_norm=critic_layer_norm)
     loss = CQLSACLoss(make_actor(obs_spec, act_spec, net), make_critics(obs_spec, act_spec, net), LossConfig(**options))
     with torch.no_grad():
         for p in loss.target_critic.parameters():
@@ -62,6 +63,8 @@ def ref_q_values(ensemble, member, obs):
     for depth, (w, b) in enumerate(layers):
         x = x @ w[member] + b[member, 0]
         if depth < len(layers) - 1:
+            if ensemble.layer_norm:  # no affine parameters, the biased variance, eps 1e-5
+                x = (x - x.mean()) / torch.sqrt(((x - x.mean()) ** 2).mean() + 1e-5)
             x = torch.relu(x)
     return x
 
@@ -145,7 +148,8 @@ def test_module_matches_plain_reference(options):
         torch.testing.assert_close(got[key], torch.as_tensor(value).to(got[key]), **TOL, msg=f"{key} differs")
 
 
-@pytest.mark.parametrize("options", [dict(target_subset=2), dict(actor_q="mean", target_subset=3, lagrange=True)])
+@pytest.mark.parametrize("options", [dict(target_subset=2), dict(actor_q="mean", target_subset=3, lagrange=True),
+                                     dict(critic_layer_norm=True, target_subset=2)])
 def test_critic_ensembles_with_random_subset_targets_match_the_reference(options):
     loss = build_loss(num_critics=5, **options)
     batch = make_batch()
@@ -230,7 +234,7 @@ def test_each_loss_moves_only_its_own_parameters(key):
 @pytest.mark.parametrize("options", [dict(lagrange=True, calibrated=True), dict(bc_steps=10),
                                      dict(max_q_backup=True, backup_entropy=False, cql_temperature=0.5),
                                      dict(cql_subtracted="mean_over_actions", target_entropy=-4.0),
-                                     dict(cql_weight=0.0)], ids=str)
+                                     dict(cql_weight=0.0), dict(critic_layer_norm=True, lagrange=True)], ids=str)
 def test_gradients_match_autograd_through_the_reference(options):
     """On each loss's own parameters, every gradient (zero ones included) equals the plain reference's."""
     loss = build_loss(**options)
