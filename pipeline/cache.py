@@ -85,11 +85,29 @@ def ensure_writable(folder: Path, key: str, fix: str | None = None) -> None:
                           f"{fix or f'set {key}=DIR to a writable folder'}") from None
 
 
-def ensure_output_writable(folder: Path, resumed: bool, what: str) -> None:
+def unused_name(folder: Path) -> Path:
+    """`folder`, or the first of `folder-2`, `folder-3`, ... that does not exist: the name of a new
+    run or sweep, which one started earlier in the same second with the same config already took."""
+    candidate, n = folder, 1
+    while candidate.exists():
+        n += 1
+        candidate = folder.with_name(f"{folder.name}-{n}")
+    return candidate
+
+
+def ensure_output_writable(folder: Path, resumed: bool, what: str, new: bool = False) -> None:
     """The folder a run or sweep (`what`) writes: a new one's is under `output_dir`; a resumed one
-    writes into its own, which `--resume` names and no override moves."""
+    writes into its own, which `--resume` names and no override moves. A `new` folder (named here,
+    by `unused_name`) is made here and must not exist yet, so that no run writes into another's."""
     if resumed:
         ensure_writable(folder, "--resume", f"a resumed {what} writes into its own folder: make it writable")
+    elif new:
+        ensure_writable(folder.parent, "output_dir")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            raise ConfigError(f"{folder} was made by another {what} just now: start this one again, "
+                              "it takes another name") from None
     else:
         ensure_writable(folder, "output_dir")
 

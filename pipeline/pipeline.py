@@ -39,6 +39,7 @@ from cqlsac.pipeline.cache import (
     read_values,
     remove_if_unused,
     stage_lock,
+    unused_name,
 )
 from cqlsac.pipeline.config import ConfigError, OnlineConfig, PipelineConfig, config_hash, finetune_loss
 from cqlsac.pipeline.stages import (
@@ -211,7 +212,8 @@ class Pipeline:
         self.table: dict[str, Stage] = stage_table(cfg)
         self.resume = resume  # continue interrupted stages from their in-stage checkpoints
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.run_dir = Path(run_dir) if run_dir else Path(cfg.output_dir) / f"{stamp}-{config_hash(cfg)[:6]}"
+        self.names_run_dir = run_dir is None  # then a new folder: `run` makes it, in no other run's
+        self.run_dir = Path(run_dir) if run_dir else unused_name(Path(cfg.output_dir) / f"{stamp}-{config_hash(cfg)[:6]}")
         self.outputs: dict[str, dict] = {}
         self.stage_seconds: dict[str, float] = {}
         self._keys: dict[str, str] = {}
@@ -303,7 +305,7 @@ class Pipeline:
         keep_freed_memory()  # process-wide: faster CQL updates (opt out: CQLSAC_MALLOC_TUNING=0)
         plan = self.plan(stages)
         self.check(plan)
-        ensure_output_writable(self.run_dir, self.resume, "run")
+        ensure_output_writable(self.run_dir, self.resume, "run", new=self.names_run_dir)
         atomic_write(self.run_dir / "config.yaml", self.cfg.to_yaml())
         print(f"run directory: {self.run_dir}")
         self.prepare(plan)

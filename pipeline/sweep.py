@@ -33,7 +33,7 @@ import yaml
 
 from cqlsac.components.checkpoints import atomic_json
 from cqlsac.components.errors import UserError
-from cqlsac.pipeline.cache import ensure_output_writable, ensure_writable
+from cqlsac.pipeline.cache import ensure_output_writable, ensure_writable, unused_name
 from cqlsac.pipeline.config import ConfigError, PipelineConfig, config_hash, read_yaml
 
 SWEEP_FILE = "sweep.json"
@@ -205,10 +205,11 @@ class Sweep:
         self.threads = self.threads or max(1, (os.cpu_count() or 1) // self.workers)
         self.base = PipelineConfig.from_yaml(self.config, self.overrides)  # a bad key fails before anything runs
         self.cache_dir = str(Path(self.base.cache_dir).resolve())
+        self.names_sweep_dir = self.sweep_dir is None  # then a new folder: `run` makes it, in no other sweep's
         if self.sweep_dir is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             key = config_hash(self.config, self.overrides, self.axes, self.seeds)[:6]
-            self.sweep_dir = str(Path(self.base.output_dir).resolve() / "sweeps" / f"{stamp}-{key}")
+            self.sweep_dir = str(unused_name(Path(self.base.output_dir).resolve() / "sweeps" / f"{stamp}-{key}"))
         self.runs = self.plan()
 
     # --- the spec -----------------------------------------------------------------------------
@@ -368,7 +369,7 @@ class Sweep:
         from tqdm.auto import tqdm
 
         ensure_writable(Path(self.cache_dir), "cache_dir")  # before anything is written, as for a run
-        ensure_output_writable(Path(self.sweep_dir), bool(self.earlier_sessions), "sweep")
+        ensure_output_writable(Path(self.sweep_dir), bool(self.earlier_sessions), "sweep", new=self.names_sweep_dir)
         ray = RayBackend(self.threads, self.address) if self.backend == "ray" else None  # connected before any write
         try:
             started = time.time()

@@ -338,3 +338,13 @@ def test_the_code_version_is_the_commit_of_the_checkout_that_runs():
     changed = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                              text=True).stdout.strip()
     assert code_version() == head + ("+changes" if changed else "")
+
+
+def test_a_new_sweep_does_not_carry_on_a_sweep_started_in_the_same_second(tmp_path, monkeypatch):
+    monkeypatch.setattr(time, "strftime", lambda fmt, *args: "20261203-120000")  # both sweeps in one second
+    first = Sweep.from_args("smoke", "0", folders(tmp_path))
+    Path(first.sweep_dir).mkdir(parents=True)
+    first.save(time.time(), None)  # its sweep.json, as its first step writes it
+    second = Sweep.from_args("smoke", "0", folders(tmp_path))
+    assert second.sweep_dir == f"{first.sweep_dir}-2" and second.earlier_sessions == []
+    assert {Path(run.run_dir).parent.parent for run in second.runs} == {Path(second.sweep_dir)}
