@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import resource
 from pathlib import Path
@@ -205,8 +206,10 @@ def save_figure(fig, path: Path) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    atomic_write(path, png.getvalue())  # a stop mid-write keeps the old figure
 
 
 def markdown(summary: dict) -> str:

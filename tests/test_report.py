@@ -162,3 +162,23 @@ def test_a_page_without_generated_sections_is_left_alone(tmp_path):
     with pytest.raises(ConfigError, match="no generated sections"):
         write_results([tmp_path / "a-sweep"], page)
     assert page.read_text() == "# My notes\n\nkeep me\n" and not (tmp_path / RECORDS).exists()
+
+
+def test_a_results_page_is_written_only_once_every_part_of_it_can_be_and_keeps_every_section(tmp_path):
+    import shutil
+
+    kept = sorted((RESULTS.parent / RECORDS).glob("*.json"))[0]
+    one, spaced = tmp_path / "one.json", tmp_path / "a b.json"  # a sweep's name is its folder's, spaces and all
+    shutil.copy(kept, one)
+    shutil.copy(kept, spaced)
+    page = tmp_path / "docs" / "results.md"
+    page.parent.mkdir()
+    (page.parent / "img").write_text("a file where the curves go")
+    with pytest.raises(ConfigError, match="img is a file"):
+        write_results([one, spaced], page)
+    assert sorted(p.name for p in page.parent.iterdir()) == ["img"]  # no record kept, no page
+    (page.parent / "img").unlink()
+    write_results([spaced, one], page)
+    both = results_sections(page.read_text())
+    write_results([one], page)  # the other sweep's section stays
+    assert results_sections(page.read_text()) == both and set(both) == {"a b", "one"}
