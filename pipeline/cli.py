@@ -156,8 +156,16 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """A usage mistake is one line naming the command and where its usage is, with exit status 2
+    (argparse prints the usage block first); every subcommand's parser is one of these too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (usage: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="cqlsac", description="Offline-to-online RL with CQL-SAC on TorchRL: pretrain SAC, record a Minari "
                                    "dataset, train CQL-SAC offline, fine-tune online, evaluate.")
     commands = parser.add_subparsers(dest="command", metavar="{run,sweep,report,config,eval,datasets}")
@@ -250,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `cqlsac config | head`: the reader has all it wanted
         sys.stdout = open(os.devnull, "w")  # Python flushes stdout again at exit
         return 0
+    except OSError as exc:  # a file the command cannot read or write (a folder in its place, a full disk)
+        path = exc.filename2 or exc.filename  # a rename's target, not the temp file renamed into it
+        where = f"{path}: " if path else ""
+        print(f"cqlsac {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

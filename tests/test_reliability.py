@@ -304,7 +304,7 @@ def bad_inputs(store):
     (["offline.updatez=3"], "unknown config key(s) offline.updatez"),
     (["offline.updates=many"], "offline.updates must be an integer, got 'many'"),
     (["checkpoints.online_every=0"], "checkpoints.online_every must be at least 1"),
-    (["output_dir={root}/a-file/runs"], "output_dir: cannot write to {root}/a-file/runs/"),
+    (["output_dir={root}/a-file/runs"], "output_dir: cannot write to {root}/a-file/runs ("),
     (["cache_dir={root}/a-file/cache"], "cache_dir: cannot write to {root}/a-file/cache ("),
     # Envs the agents cannot run: refused before a run directory exists, not deep inside a stage.
     (["env.kwargs={max_episode_steps: -1}"], "Pendulum-v1 with env.kwargs {'max_episode_steps': -1} has no time "
@@ -418,10 +418,10 @@ def test_a_checkpoint_chunk_holds_its_own_rows_not_the_whole_buffer(tmp_path):
 @pytest.mark.parametrize("argv", [["run", "--bogus"], ["sweep", "--bogus"], ["report", "x", "--bogus"],
                                   ["config", "--bogus"], ["eval", "x", "--bogus"], ["datasets", "list", "--bogus"],
                                   ["datasets", "show", "a/b-v0", "--bogus"], ["datasets", "create", "a/b-v0", "--bogus"]])
-def test_an_unknown_option_shows_its_own_commands_usage(capsys, argv):
+def test_an_unknown_option_is_one_line_naming_its_own_commands_usage(capsys, argv):
     command = " ".join(argv[: 2 if argv[0] == "datasets" else 1])
     with pytest.raises(SystemExit) as stop:
         main(argv)
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and err.startswith(f"usage: cqlsac {command} "), err
-    assert err.endswith(f"cqlsac {command}: error: unrecognized arguments: --bogus\n"), err
+    assert stop.value.code == 2, err
+    assert err == f"cqlsac {command}: error: unrecognized arguments: --bogus (usage: cqlsac {command} --help)\n"
