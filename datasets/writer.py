@@ -7,6 +7,7 @@ that `minari list local` shows. Here the dataset is written by `minari.create_da
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -138,6 +139,9 @@ def check_reference_scores(ref_min_score: float | None, ref_max_score: float | N
     """Both or neither (Minari would estimate a missing ref_min_score with 100 random episodes), in order."""
     if (ref_min_score is None) != (ref_max_score is None):
         raise DatasetError("give both reference scores or neither")
+    if ref_min_score is not None and not (math.isfinite(ref_min_score) and math.isfinite(ref_max_score)):
+        raise DatasetError(f"reference scores must be finite numbers, got ref_min_score {ref_min_score} and "
+                           f"ref_max_score {ref_max_score}")
     if ref_min_score is not None and not ref_max_score > ref_min_score:
         raise DatasetError(f"ref_max_score ({ref_max_score}) must exceed ref_min_score ({ref_min_score}), the random "
                            "policy's return, for normalised scores to mean anything; pass a better expert or score")

@@ -145,7 +145,12 @@ def stage_lock(folder: Path, name: str) -> Iterator[None]:
 def finished_outputs(folder: Path) -> dict | None:
     """What the stage in `folder` wrote when it finished; None if it has not."""
     done = folder / OUTPUTS
-    return json.loads(done.read_text()) if done.is_file() else None
+    if not done.is_file():
+        return None
+    try:
+        return json.loads(done.read_text())
+    except ValueError:  # written atomically: damaged outside cqlsac
+        raise ConfigError(f"{done} is damaged (not JSON): remove {folder} to compute that stage again") from None
 
 
 def finish(folder: Path, outputs: dict) -> None:

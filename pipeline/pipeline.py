@@ -41,7 +41,7 @@ from cqlsac.pipeline.cache import (
     stage_lock,
     unused_name,
 )
-from cqlsac.pipeline.config import ConfigError, OnlineConfig, PipelineConfig, config_hash, finetune_loss
+from cqlsac.pipeline.config import ConfigError, OnlineConfig, PipelineConfig, config_hash, finetune_loss, read_yaml
 from cqlsac.pipeline.stages import (
     STAGE_NAMES,
     Stage,
@@ -231,6 +231,8 @@ class Pipeline:
         if not config.is_file():
             raise ConfigError(f"{run_dir} is not a run directory (no config.yaml in it); pass the folder "
                               "that `cqlsac run` printed as its run directory")
+        if not read_yaml(config):  # a run writes its whole config: an empty one would resume as the defaults
+            raise ConfigError(f"{config} is empty, not the config a run wrote: {run_dir} cannot be resumed")
         return cls(PipelineConfig.from_yaml(config), run_dir, resume=True)
 
     # --- the stage graph --------------------------------------------------------------------

@@ -37,6 +37,7 @@ from cqlsac.pipeline.cache import ensure_output_writable, ensure_writable, unuse
 from cqlsac.pipeline.config import ConfigError, PipelineConfig, config_hash, read_yaml
 
 SWEEP_FILE = "sweep.json"
+MAX_SEEDS = 10_000  # far more runs than any sweep makes, and a list that costs nothing to build
 BACKENDS = ("local", "ray")
 
 
@@ -64,8 +65,9 @@ def load_record(source: str | Path) -> dict:
     missing = [f"spec.{key}" for key in RECORD_SPEC if key not in record["spec"]]
     missing += [key for key in RECORD_KEYS if key not in record]
     if not missing and not (isinstance(record["runs"], list)
-                            and all(isinstance(run, dict) and RECORD_RUN <= set(run) for run in record["runs"])):
-        missing = [f"runs with {', '.join(sorted(RECORD_RUN))}"]
+                            and all(isinstance(run, dict) and RECORD_RUN <= set(run)
+                                    and isinstance(run["summary"], (dict, type(None))) for run in record["runs"])):
+        missing = [f"runs with {', '.join(sorted(RECORD_RUN))} (a summary a mapping or null)"]
     if missing:
         raise ConfigError(f"{path} is not a whole sweep record (it has no {', '.join(missing)})")
     return record
@@ -130,6 +132,9 @@ def parse_seeds(text: str, given_as: str = "--seeds") -> list[int]:
         low, high = int(match[1]), int(match[2] if match[2] is not None else match[1])
         if high < low:
             raise ConfigError(f"{given_as} {text!r}: {low}-{high} is an empty range")
+        if high - low >= MAX_SEEDS:
+            raise ConfigError(f"{given_as} {text!r}: {high - low + 1} seeds in {low}-{high}; a sweep takes at most "
+                              f"{MAX_SEEDS}")
         seeds += range(low, high + 1)
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"{given_as} {text!r} names a seed twice")

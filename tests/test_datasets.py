@@ -251,6 +251,9 @@ def test_reference_scores_must_be_a_pair_in_order(dataset_store):
         write("pendulum/refs-v0", episodes, ref_min_score=None)
     with pytest.raises(DatasetError, match=r"ref_max_score \(1.0\) must exceed ref_min_score \(2.0\)"):
         write("pendulum/refs-v0", episodes, ref_min_score=2.0, ref_max_score=1.0)
+    for low, high in [(-1.0, float("inf")), (float("-inf"), 1.0), (float("nan"), 1.0)]:  # a score of 0 or NaN always
+        with pytest.raises(DatasetError, match="reference scores must be finite numbers"):
+            write("pendulum/refs-v0", episodes, ref_min_score=low, ref_max_score=high)
     write("pendulum/refs-v0", episodes, ref_min_score=None, ref_max_score=None)
     _, info = load_transitions("pendulum/refs-v0")
     assert "ref_min_score" not in info.metadata

@@ -453,3 +453,21 @@ def test_a_new_run_never_writes_into_the_folder_of_a_run_started_in_the_same_sec
     with pytest.raises(ConfigError, match="was made by another run just now: start this one again"):
         raced.run(["pretrain"])
     assert (first.run_dir / "summary.json").read_text() == "first" and not later.run_dir.exists()
+
+
+def test_a_damaged_stage_output_or_an_empty_run_config_is_one_line(tmp_path, capsys):
+    from cqlsac.pipeline.cache import finished_outputs
+
+    stage = tmp_path / "cache" / "evaluate-0123"
+    stage.mkdir(parents=True)
+    (stage / "outputs.json").write_text('{"policy": "po')
+    with pytest.raises(ConfigError, match=f"outputs.json is damaged \\(not JSON\\): remove {stage} to compute"):
+        finished_outputs(stage)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("")
+    assert main(["run", "--resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"cqlsac run: error: {run_dir / 'config.yaml'} is empty, not the config a run wrote: "
+                   f"{run_dir} cannot be resumed\n")
+    assert [p.name for p in run_dir.iterdir()] == ["config.yaml"] and (run_dir / "config.yaml").read_text() == ""

@@ -112,7 +112,9 @@ def test_a_damaged_record_is_one_line_and_nothing_is_written(tmp_path, capsys):
         ('{"spec": {}}', "is not a whole sweep record (it has no spec.config, spec.seeds, spec.axes, spec.overrides, "
                          "runs, machine, wall_seconds)"),
         (json.dumps({**whole, "runs": [{"seed": 0}]}), "is not a whole sweep record (it has no runs with seed, "
-                                                       "setting, status, summary)"),
+                                                       "setting, status, summary"),
+        (json.dumps({**whole, "runs": [{"setting": 0, "seed": 0, "status": "finished", "summary": "edited"}]}),
+         "(a summary a mapping or null)"),
     ]
     for text, message in cases:
         sweep_dir = tmp_path / "sweep"
@@ -128,6 +130,11 @@ def test_a_damaged_record_is_one_line_and_nothing_is_written(tmp_path, capsys):
     assert "is neither a sweep directory (no sweep.json in it) nor a sweep record" in capsys.readouterr().err
     assert main(["report", str(sweep_dir), "--results", str(tmp_path)]) == 2
     assert f"--results {tmp_path}: not a file that can be written" in capsys.readouterr().err
+    shutil.copy(sorted(Path(__file__).parents[1].glob("docs/records/*.json"))[0], sweep_dir / "sweep.json")
+    (sweep_dir / "report.md").mkdir()  # where the report goes, a folder: the system's reason, in one line
+    assert main(["report", str(sweep_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cqlsac report: error: {sweep_dir / 'report.md'}: ") and err.count("\n") == 1, err
 
 
 def test_a_kept_record_that_cannot_be_carried_on_where_it_goes_is_one_line(tmp_path, capsys):
@@ -348,3 +355,9 @@ def test_a_new_sweep_does_not_carry_on_a_sweep_started_in_the_same_second(tmp_pa
     second = Sweep.from_args("smoke", "0", folders(tmp_path))
     assert second.sweep_dir == f"{first.sweep_dir}-2" and second.earlier_sessions == []
     assert {Path(run.run_dir).parent.parent for run in second.runs} == {Path(second.sweep_dir)}
+
+
+def test_a_seed_range_too_long_for_any_sweep_is_refused_before_it_is_built():
+    with pytest.raises(ConfigError, match="--seeds '0-2000000000': 2000000001 seeds in 0-2000000000; a sweep takes at most"):
+        parse_seeds("0-2000000000")
+    assert len(parse_seeds("0-9999")) == 10_000
