@@ -78,6 +78,8 @@ def eval_command(args: argparse.Namespace) -> int:
     from cqlsac.datasets import normalized, reference_scores_of
 
     target, dataset_id = Path(args.checkpoint), args.dataset
+    if dataset_id is not None and not dataset_id.strip():
+        raise ConfigError("--dataset is empty: name a dataset id (`cqlsac datasets list`), or leave it out")
     if target.is_dir():
         summary = target / "summary.json"
         if not summary.is_file():

@@ -474,6 +474,9 @@ def parse_yaml(text: str, where: str) -> Any:
 
 def resolve_config_path(path: str | Path) -> Path:
     """A config file path, or the name of a config bundled with cqlsac (`pendulum`, `lunarlander`, ...)."""
+    if not str(path).strip():  # Path("") is the current folder
+        raise ConfigError(f"the config name is empty; name a YAML file or a bundled config "
+                          f"({', '.join(sorted(bundled_configs()))})")
     path = Path(path)
     if path.is_file():
         return path

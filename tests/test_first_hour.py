@@ -66,6 +66,8 @@ def test_config_files_that_are_not_yaml_files_are_named_errors(tmp_path):
         PipelineConfig.from_yaml(tmp_path)
     with pytest.raises(ConfigError, match="config file offline.updates does not exist .*; an override looks like key=value"):
         PipelineConfig.from_yaml("offline.updates")  # `cqlsac config offline.updates`, the `=value` forgotten
+    with pytest.raises(ConfigError, match="^the config name is empty; name a YAML file or a bundled config"):
+        PipelineConfig.from_yaml("")  # `cqlsac config ""`, not the current folder
 
 
 def test_random_frames_off_the_batch_grid_name_the_key():

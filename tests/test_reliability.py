@@ -398,6 +398,9 @@ def test_eval_refuses_a_damaged_run_summary_and_a_seed_out_of_range(tmp_path, ca
         err = capsys.readouterr().err
         assert err == f"cqlsac eval: error: {run / 'summary.json'} is not a run summary cqlsac can read; pass the " \
                       "policy.pt of the run instead\n"
+    assert main(["eval", str(run), "--dataset", ""]) == 2  # not the run's own dataset, silently
+    assert capsys.readouterr().err == "cqlsac eval: error: --dataset is empty: name a dataset id " \
+                                      "(`cqlsac datasets list`), or leave it out\n"
     for seed in ("-1", str(2**31)):
         with pytest.raises(SystemExit) as stop:
             main(["eval", str(run), "--seed", seed])
