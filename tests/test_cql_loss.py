@@ -186,10 +186,15 @@ def test_module_matches_plain_reference(options):
         torch.testing.assert_close(got[key], value.to(got[key]), **TOL, msg=f"{key} differs")
 
 
+LAYER_NORM_AND_TARGET_ENTROPY = [dict(critic_layer_norm=True), dict(target_entropy=-0.7),
+                                 dict(critic_layer_norm=True, num_critics=5, target_subset=2, lagrange=True)]
+
+
 @pytest.mark.parametrize("options", [dict(target_subset=2), dict(actor_q="mean"),
-                                     dict(target_subset=3, actor_q="mean", max_q_backup=True, lagrange=True)])
-def test_critic_ensembles_with_random_subset_targets_match_the_reference(options):
-    loss = build_loss(num_critics=5, **options)
+                                     dict(target_subset=3, actor_q="mean", max_q_backup=True, lagrange=True),
+                                     *LAYER_NORM_AND_TARGET_ENTROPY])
+def test_critic_ensembles_and_network_options_match_the_reference(options):
+    loss = build_loss(**{"num_critics": 5, **options})
     batch = make_batch()
     noise = loss.draw_noise(BATCH)
     if "target_subset" in options:
@@ -210,24 +215,6 @@ def test_the_target_critics_subset_is_drawn_uniformly():
     assert set(draws) == set(itertools.combinations(range(5), 2))
     counts = [sum(member in draw for draw in draws) for member in range(5)]
     assert all(abs(count - 160) < 40 for count in counts), counts  # binomial(400, 0.4): sd 9.8
-
-
-@pytest.mark.parametrize("options", [dict(critic_layer_norm=True), dict(target_entropy=-0.7),
-                                     dict(critic_layer_norm=True, num_critics=5, target_subset=2, lagrange=True)],
-                         ids=str)
-def test_layer_norm_critics_and_a_set_target_entropy_match_the_reference(options):
-    loss = build_loss(**options)
-    batch = make_batch()
-    noise = loss.draw_noise(BATCH)
-    got = loss.compute(batch, noise)
-    expected = reference_losses(loss, batch, noise)
-    for key, value in expected.items():
-        torch.testing.assert_close(got[key], value.detach().to(got[key]), **TOL, msg=f"{key} differs")
-    for key, params in own_parameters(loss).items():
-        if key in got.keys():
-            for g, e in zip(torch.autograd.grad(got[key], params, retain_graph=True),
-                            torch.autograd.grad(expected[key], params, retain_graph=True)):
-                torch.testing.assert_close(g, e, **TOL, msg=f"gradient of {key} differs")
 
 
 def test_sac_mode_matches_reference_and_has_no_cql_terms():
@@ -479,7 +466,7 @@ def own_parameters(loss) -> dict[str, list]:
 
 @pytest.mark.parametrize("options", [dict(), dict(lagrange=True, calibrated=True), dict(bc_steps=10),
                                      dict(max_q_backup=True, backup_entropy=False, cql_temperature=0.5),
-                                     dict(cql_weight=0.0)], ids=str)
+                                     dict(cql_weight=0.0), *LAYER_NORM_AND_TARGET_ENTROPY], ids=str)
 def test_each_loss_gradient_matches_the_reference(options):
     """The gradients on each loss's own parameters equal those of the plain reference (autograd through it)."""
     loss = build_loss(**options)
