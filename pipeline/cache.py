@@ -95,19 +95,24 @@ def unused_name(folder: Path) -> Path:
     return candidate
 
 
-def ensure_output_writable(folder: Path, resumed: bool, what: str, new: bool = False) -> None:
-    """The folder a run or sweep (`what`) writes: a new one's is under `output_dir`; a resumed one
-    writes into its own, which `--resume` names and no override moves. A `new` folder (named here,
-    by `unused_name`) is made here and must not exist yet, so that no run writes into another's."""
-    if resumed:
-        ensure_writable(folder, "--resume", f"a resumed {what} writes into its own folder: make it writable")
-    elif new:
-        ensure_writable(folder.parent, "output_dir")
+def claim_new_folder(name: Path) -> Path:
+    """Make the folder of a new run or sweep under `output_dir`: `unused_name(name)` when it is made,
+    not when it was chosen. Returns the folder made, which no other run or sweep writes."""
+    ensure_writable(name.parent, "output_dir")
+    while True:
+        folder = unused_name(name)
         try:
             folder.mkdir()
-        except FileExistsError:
-            raise ConfigError(f"{folder} was made by another {what} just now: start this one again, "
-                              "it takes another name") from None
+            return folder
+        except FileExistsError:  # another took it between the two calls
+            continue
+
+
+def ensure_output_writable(folder: Path, resumed: bool, what: str) -> None:
+    """The folder a run or sweep (`what`) writes: a new one's is under `output_dir`; a resumed one
+    writes into its own, which `--resume` names and no override moves."""
+    if resumed:
+        ensure_writable(folder, "--resume", f"a resumed {what} writes into its own folder: make it writable")
     else:
         ensure_writable(folder, "output_dir")
 

@@ -159,8 +159,8 @@ def report_command(args: argparse.Namespace) -> int:
 
 
 class OneLineErrors(argparse.ArgumentParser):
-    """A usage mistake is one line naming the command and where its usage is, with exit status 2
-    (argparse prints the usage block first); every subcommand's parser is one of these too."""
+    """A usage mistake is one line naming the command and where its usage is, with exit status 2, not
+    argparse's usage block and then the error; every subcommand's parser is one of these too."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (usage: {self.prog} --help)\n")

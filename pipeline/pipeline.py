@@ -32,6 +32,7 @@ from cqlsac.datasets import check_dataset_fits, check_spaces, load_offline_repla
 from cqlsac.pipeline import report
 from cqlsac.pipeline.cache import (
     ConfigView,
+    claim_new_folder,
     ensure_output_writable,
     ensure_writable,
     finish,
@@ -212,8 +213,9 @@ class Pipeline:
         self.table: dict[str, Stage] = stage_table(cfg)
         self.resume = resume  # continue interrupted stages from their in-stage checkpoints
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.names_run_dir = run_dir is None  # then a new folder: `run` makes it, in no other run's
-        self.run_dir = Path(run_dir) if run_dir else unused_name(Path(cfg.output_dir) / f"{stamp}-{config_hash(cfg)[:6]}")
+        # Without a given `run_dir`, a new folder of this name (or `-2`, `-3`, ...), made by `claim_run_dir`.
+        self.new_name = None if run_dir else Path(cfg.output_dir) / f"{stamp}-{config_hash(cfg)[:6]}"
+        self.run_dir = Path(run_dir) if run_dir else unused_name(self.new_name)
         self.outputs: dict[str, dict] = {}
         self.stage_seconds: dict[str, float] = {}
         self._keys: dict[str, str] = {}
@@ -234,6 +236,16 @@ class Pipeline:
         if not read_yaml(config):  # a run writes its whole config: an empty one would resume as the defaults
             raise ConfigError(f"{config} is empty, not the config a run wrote: {run_dir} cannot be resumed")
         return cls(PipelineConfig.from_yaml(config), run_dir, resume=True)
+
+    def claim_run_dir(self) -> None:
+        """Make sure the run directory is this run's: a name chosen here becomes a folder that no other
+        run writes (`claim_new_folder`); a given one (`--resume`, a sweep's) must be writable."""
+        if self.new_name is not None:
+            self.run_dir = claim_new_folder(self.new_name)
+            self.log = MetricsLog(self.run_dir, self.cfg.logger)
+            self.new_name = None  # a second `run` writes into it again
+        else:
+            ensure_output_writable(self.run_dir, self.resume, "run")
 
     # --- the stage graph --------------------------------------------------------------------
     def stage_key(self, name: str) -> str:
@@ -307,7 +319,7 @@ class Pipeline:
         keep_freed_memory()  # process-wide: faster CQL updates (opt out: CQLSAC_MALLOC_TUNING=0)
         plan = self.plan(stages)
         self.check(plan)
-        ensure_output_writable(self.run_dir, self.resume, "run", new=self.names_run_dir)
+        self.claim_run_dir()
         atomic_write(self.run_dir / "config.yaml", self.cfg.to_yaml())
         print(f"run directory: {self.run_dir}")
         self.prepare(plan)

@@ -33,7 +33,7 @@ import yaml
 
 from cqlsac.components.checkpoints import atomic_json
 from cqlsac.components.errors import UserError
-from cqlsac.pipeline.cache import ensure_output_writable, ensure_writable, unused_name
+from cqlsac.pipeline.cache import claim_new_folder, ensure_output_writable, ensure_writable, unused_name
 from cqlsac.pipeline.config import ConfigError, PipelineConfig, config_hash, read_yaml
 
 SWEEP_FILE = "sweep.json"
@@ -67,7 +67,7 @@ def load_record(source: str | Path) -> dict:
     if not missing and not (isinstance(record["runs"], list)
                             and all(isinstance(run, dict) and RECORD_RUN <= set(run)
                                     and isinstance(run["summary"], (dict, type(None))) for run in record["runs"])):
-        missing = [f"runs with {', '.join(sorted(RECORD_RUN))} (a summary a mapping or null)"]
+        missing = [f"runs with {', '.join(sorted(RECORD_RUN))}, each summary a mapping or null"]
     if missing:
         raise ConfigError(f"{path} is not a whole sweep record (it has no {', '.join(missing)})")
     return record
@@ -210,11 +210,12 @@ class Sweep:
         self.threads = self.threads or max(1, (os.cpu_count() or 1) // self.workers)
         self.base = PipelineConfig.from_yaml(self.config, self.overrides)  # a bad key fails before anything runs
         self.cache_dir = str(Path(self.base.cache_dir).resolve())
-        self.names_sweep_dir = self.sweep_dir is None  # then a new folder: `run` makes it, in no other sweep's
+        self.new_name = None  # without a given `sweep_dir`, a new folder of this name (or `-2`, ...), made by `run`
         if self.sweep_dir is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             key = config_hash(self.config, self.overrides, self.axes, self.seeds)[:6]
-            self.sweep_dir = str(unused_name(Path(self.base.output_dir).resolve() / "sweeps" / f"{stamp}-{key}"))
+            self.new_name = Path(self.base.output_dir).resolve() / "sweeps" / f"{stamp}-{key}"
+            self.sweep_dir = str(unused_name(self.new_name))
         self.runs = self.plan()
 
     # --- the spec -----------------------------------------------------------------------------
@@ -374,7 +375,14 @@ class Sweep:
         from tqdm.auto import tqdm
 
         ensure_writable(Path(self.cache_dir), "cache_dir")  # before anything is written, as for a run
-        ensure_output_writable(Path(self.sweep_dir), bool(self.earlier_sessions), "sweep", new=self.names_sweep_dir)
+        if self.new_name is not None:  # a folder no other sweep writes: if another took the name meanwhile, the next
+            claimed = str(claim_new_folder(self.new_name))
+            if claimed != self.sweep_dir:
+                self.sweep_dir = claimed
+                self.runs = self.plan()  # the run folders go under it
+            self.new_name = None
+        else:
+            ensure_output_writable(Path(self.sweep_dir), bool(self.earlier_sessions), "sweep")
         ray = RayBackend(self.threads, self.address) if self.backend == "ray" else None  # connected before any write
         try:
             started = time.time()

@@ -441,18 +441,20 @@ def test_same_seed_reproduces_the_same_numbers(workdir):
 def test_a_new_run_never_writes_into_the_folder_of_a_run_started_in_the_same_second(tmp_path, monkeypatch):
     import time
 
-    from cqlsac.pipeline.cache import ensure_output_writable
-
     monkeypatch.setattr(time, "strftime", lambda fmt, *args: "20261203-120000")  # every run in one second
     cfg = PipelineConfig.from_yaml("smoke", [f"output_dir={tmp_path}"])
     first, raced = Pipeline(cfg), Pipeline(cfg)  # named before either made its folder
-    ensure_output_writable(first.run_dir, False, "run", new=first.names_run_dir)  # what `run` does first
+    name = first.run_dir
+    first.claim_run_dir()  # what `run` does before it writes
     (first.run_dir / "summary.json").write_text("first")
     later = Pipeline(cfg)
-    assert raced.run_dir == first.run_dir and later.run_dir == first.run_dir.with_name(f"{first.run_dir.name}-2")
-    with pytest.raises(ConfigError, match="was made by another run just now: start this one again"):
-        raced.run(["pretrain"])
-    assert (first.run_dir / "summary.json").read_text() == "first" and not later.run_dir.exists()
+    assert raced.run_dir == name and later.run_dir == name.with_name(f"{name.name}-2")
+    raced.claim_run_dir()
+    assert raced.run_dir == later.run_dir and raced.log.run_dir == raced.run_dir and raced.run_dir.is_dir()
+    later.claim_run_dir()
+    assert later.run_dir == name.with_name(f"{name.name}-3")
+    first.claim_run_dir()  # its own folder, again
+    assert first.run_dir == name and (name / "summary.json").read_text() == "first"
 
 
 def test_a_damaged_stage_output_or_an_empty_run_config_is_one_line(tmp_path, capsys):

@@ -114,7 +114,7 @@ def test_a_damaged_record_is_one_line_and_nothing_is_written(tmp_path, capsys):
         (json.dumps({**whole, "runs": [{"seed": 0}]}), "is not a whole sweep record (it has no runs with seed, "
                                                        "setting, status, summary"),
         (json.dumps({**whole, "runs": [{"setting": 0, "seed": 0, "status": "finished", "summary": "edited"}]}),
-         "(a summary a mapping or null)"),
+         "runs with seed, setting, status, summary, each summary a mapping or null)"),
     ]
     for text, message in cases:
         sweep_dir = tmp_path / "sweep"
@@ -352,9 +352,15 @@ def test_a_new_sweep_does_not_carry_on_a_sweep_started_in_the_same_second(tmp_pa
     first = Sweep.from_args("smoke", "0", folders(tmp_path))
     Path(first.sweep_dir).mkdir(parents=True)
     first.save(time.time(), None)  # its sweep.json, as its first step writes it
-    second = Sweep.from_args("smoke", "0", folders(tmp_path))
-    assert second.sweep_dir == f"{first.sweep_dir}-2" and second.earlier_sessions == []
+    second, raced = (Sweep.from_args("smoke", "0", folders(tmp_path)) for _ in range(2))
+    assert second.sweep_dir == raced.sweep_dir == f"{first.sweep_dir}-2" and second.earlier_sessions == []
     assert {Path(run.run_dir).parent.parent for run in second.runs} == {Path(second.sweep_dir)}
+    Path(second.sweep_dir).mkdir()  # `second` started first: `raced` takes the next name, and its runs go there
+    monkeypatch.setattr("cqlsac.pipeline.sweep.schedule", lambda todo, *args: iter(()))  # no run is started
+    monkeypatch.setattr("cqlsac.pipeline.sweep_report.write", lambda sweep_dir: None)
+    raced.run()
+    assert raced.sweep_dir == f"{first.sweep_dir}-3" and (Path(raced.sweep_dir) / "sweep.json").is_file()
+    assert {Path(run.run_dir).parent.parent for run in raced.runs} == {Path(raced.sweep_dir)}
 
 
 def test_a_seed_range_too_long_for_any_sweep_is_refused_before_it_is_built():
