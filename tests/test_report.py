@@ -164,13 +164,18 @@ def test_a_page_without_generated_sections_is_left_alone(tmp_path):
     assert page.read_text() == "# My notes\n\nkeep me\n" and not (tmp_path / RECORDS).exists()
 
 
-def test_a_results_page_is_written_only_once_every_part_of_it_can_be_and_keeps_every_section(tmp_path):
-    import shutil
+def test_a_results_page_is_written_only_once_every_part_of_it_can_be_and_keeps_every_section(tmp_path, monkeypatch):
+    import json
 
-    kept = sorted((RESULTS.parent / RECORDS).glob("*.json"))[0]
+    from cqlsac.pipeline import sweep_report
+
+    # The page's bookkeeping, not its statistics (tested above): a section and a curve made at once.
+    monkeypatch.setattr(sweep_report, "section", lambda name, record: f"<!-- sweep {name} -->\n## {name}\n")
+    monkeypatch.setattr(sweep_report, "plot", lambda record, path: path.write_text("png"))
+    kept = sorted((RESULTS.parent / RECORDS).glob("*.json"))[0].read_text()
     one, spaced = tmp_path / "one.json", tmp_path / "a b.json"  # a sweep's name is its folder's, spaces and all
-    shutil.copy(kept, one)
-    shutil.copy(kept, spaced)
+    one.write_text(kept)
+    spaced.write_text(kept)
     page = tmp_path / "docs" / "results.md"
     page.parent.mkdir()
     (page.parent / "img").write_text("a file where the curves go")
@@ -178,7 +183,9 @@ def test_a_results_page_is_written_only_once_every_part_of_it_can_be_and_keeps_e
         write_results([one, spaced], page)
     assert sorted(p.name for p in page.parent.iterdir()) == ["img"]  # no record kept, no page
     (page.parent / "img").unlink()
+    (page.parent / "img").mkdir()
     write_results([spaced, one], page)
     both = results_sections(page.read_text())
     write_results([one], page)  # the other sweep's section stays
+    assert json.loads((page.parent / RECORDS / "a b.json").read_text()) == json.loads(kept)
     assert results_sections(page.read_text()) == both and set(both) == {"a b", "one"}
