@@ -29,6 +29,21 @@ def iqm(scores: np.ndarray) -> float:
     return float(np.mean(values[cut:values.size - cut]))
 
 
+def _batched_mean(resampled: np.ndarray) -> np.ndarray:
+    return resampled.reshape(len(resampled), -1).mean(axis=1)
+
+
+def _batched_iqm(resampled: np.ndarray) -> np.ndarray:
+    values = np.sort(resampled.reshape(len(resampled), -1), axis=1)
+    cut = int(0.25 * values.shape[1])
+    return values[:, cut:values.shape[1] - cut].mean(axis=1)
+
+
+# `mean` and `iqm` of every bootstrap replicate `[reps, runs, tasks]` at once: the same numbers as a
+# call per replicate, without a Python loop of 10,000 calls (a sweep's report takes seconds, not minutes).
+BATCHED: dict[Statistic, Callable[[np.ndarray], np.ndarray]] = {mean: _batched_mean, iqm: _batched_iqm}
+
+
 def stratified_bootstrap_ci(scores: np.ndarray, statistic: Statistic, reps: int = 10_000, confidence: float = 0.95,
                             seed: int = 0) -> tuple[float, float]:
     """Percentile interval of `statistic` over `reps` stratified bootstrap replicates of `scores` `[runs, tasks]`."""
@@ -37,7 +52,9 @@ def stratified_bootstrap_ci(scores: np.ndarray, statistic: Statistic, reps: int 
     runs, tasks = scores.shape
     rng = np.random.RandomState(seed)
     draws = rng.randint(0, runs, size=(reps, runs, tasks))
-    replicates = np.array([statistic(np.take_along_axis(scores, draw, axis=0)) for draw in draws])
+    resampled = np.take_along_axis(scores[None], draws, axis=1)  # [reps, runs, tasks]
+    batched = BATCHED.get(statistic)
+    replicates = batched(resampled) if batched else np.array([statistic(replicate) for replicate in resampled])
     tail = 100 * (1 - confidence) / 2
     low, high = np.percentile(replicates, [tail, 100 - tail])
     return float(low), float(high)

@@ -44,6 +44,15 @@ def test_bootstrap_resamples_runs_within_each_task():
     assert (low, high) == (0.0, 10.0)
 
 
+@pytest.mark.parametrize("statistic", [mean, iqm])
+def test_the_batched_statistics_equal_one_call_per_replicate(statistic):
+    """The fast path of the bootstrap (every replicate at once) gives the very numbers of the plain one."""
+    scores = np.random.default_rng(2).normal(size=(7, 5)) * 100
+    batched = stratified_bootstrap_ci(scores, statistic, reps=500, seed=4)
+    plain = stratified_bootstrap_ci(scores, lambda replicate: statistic(replicate), reps=500, seed=4)  # not in BATCHED
+    assert batched == plain
+
+
 def test_probability_of_improvement_counts_ties_as_half():
     # Pairs: 1 vs 2 -> 0, 2 vs 2 -> 1/2, 3 vs 2 -> 1, each twice: 3 / 6.
     assert probability_of_improvement(np.array([1.0, 2.0, 3.0]), np.array([2.0, 2.0])) == 0.5
