@@ -233,9 +233,10 @@ class Pipeline:
         if not config.is_file():
             raise ConfigError(f"{run_dir} is not a run directory (no config.yaml in it); pass the folder "
                               "that `cqlsac run` printed as its run directory")
-        if not read_yaml(config):  # a run writes its whole config: an empty one would resume as the defaults
+        data = read_yaml(config)
+        if not data:  # a run writes its whole config: an empty one would resume as the defaults
             raise ConfigError(f"{config} is empty, not the config a run wrote: {run_dir} cannot be resumed")
-        return cls(PipelineConfig.from_yaml(config), run_dir, resume=True)
+        return cls(PipelineConfig.from_dict(data), run_dir, resume=True)
 
     def claim_run_dir(self) -> None:
         """Make sure the run directory is this run's: a name chosen here becomes a folder that no other
